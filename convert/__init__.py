@@ -1,0 +1,1 @@
+"""Converters from PyTorch (diffusers/transformers layout) safetensors into vapjax checkpoints."""

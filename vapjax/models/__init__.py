@@ -1,0 +1,1 @@
+"""Model families, one file each (CogVideoX-VAP transformer, CogVideoX VAE, T5, ...)."""
