@@ -97,6 +97,9 @@ class TensorSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: f.shape(k) for k, f in self._where.items()}
 
+    def dtype(self, key: str) -> np.dtype:
+        return self._where[key].dtype(key)
+
     def load(self, key: str) -> np.ndarray:
         return self._where[key].load(key)
 
