@@ -92,13 +92,14 @@ def _default_dtype(source: TensorSource, keys: Sequence[str]):
 
 def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | None = None,
                         expert_layers: Sequence[int] | None = None, dtype: Any = None,
-                        put: Callable[[Path, np.ndarray], Any] | None = None, **options):
+                        put: Callable[[Path, np.ndarray], Any] | None = None):
     """Convert a diffusers transformer folder (config.json + safetensors, single or sharded).
 
     init_expert=None: the expert comes from the checkpoint's `_mot_ref` keys (the official VAP model)
       or, for a stock checkpoint, there is none. init_expert="copy": a stock checkpoint gets an expert
       on `expert_layers` initialised as copies of the backbone. Returns (config, params); writes a
-      vapjax checkpoint to `dst` if given. `put(path, array)` places arrays (e.g. onto a sharding)."""
+      vapjax checkpoint to `dst` if given. `dtype`: storage dtype of the arrays (default: bf16 for a
+      bf16 checkpoint, else fp32). `put(path, array)` places arrays (e.g. onto a sharding)."""
     try:
         with open(os.path.join(src, "config.json")) as f:
             d = json.load(f)
@@ -107,7 +108,7 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
     except ValueError as e:
         raise ConversionError(f"{src}/config.json: not valid JSON ({e})") from None
     try:
-        cfg = CogVideoXConfig.from_diffusers(d, **options)
+        cfg = CogVideoXConfig.from_diffusers(d)
     except (KeyError, ValueError) as e:
         raise ConversionError(f"{src}/config.json: {e}") from None
     source = TensorSource.open(src)

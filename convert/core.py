@@ -112,7 +112,8 @@ def check(src_shapes: Mapping[str, Sequence[int]], rules: Sequence[Rule],
             want = want[1:]
         got = r.transform.shape(tuple(src_shapes[r.src]))
         if got != want:
-            bad_shape.append(f"{r.src} {tuple(src_shapes[r.src])} -> {path_str(r.dst, r.index)} wants {want}")
+            bad_shape.append(f"{r.src} {tuple(src_shapes[r.src])} ({r.transform.name}: {got}) "
+                             f"but {path_str(r.dst, r.index)} needs {want}")
         if r.index in slots[r.dst]:
             raise ConversionError(f"{what}: {path_str(r.dst, r.index)} is filled twice")
         slots[r.dst].add(r.index)

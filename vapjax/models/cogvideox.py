@@ -565,7 +565,7 @@ def dummy_inputs(cfg: CogVideoXConfig, batch: int = 1, frames: int | None = None
 
 def init_params(cfg: CogVideoXConfig, rng: Array) -> dict:
     """Random parameters {'backbone': …, 'expert': …} (no 'expert' without expert layers)."""
-    return CogVideoXTransformer(cfg).init(rng, *dummy_inputs(cfg, frames=1))["params"]
+    return jax.jit(lambda r: CogVideoXTransformer(cfg).init(r, *dummy_inputs(cfg, frames=1))["params"])(rng)
 
 
 def param_shapes(cfg: CogVideoXConfig) -> dict:

@@ -1,0 +1,1 @@
+"""Benchmark scripts (speed, memory, FLOPs); run as python -m benchmarks.<name>."""
