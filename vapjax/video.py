@@ -1,0 +1,164 @@
+"""Host-side image / video I/O and the reference's frame selection, resampling and pixel scaling.
+
+Frames are numpy uint8 [F, H, W, 3] RGB. Every file problem raises `VideoError`, a one-line message
+that starts with the file's path.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+RESIZE_METHODS = ("lanczos", "bicubic")
+
+
+class VideoError(ValueError):
+    """An image or video file that is missing, unreadable or unusable (one line, naming the file)."""
+
+
+def _error(path, problem: str) -> VideoError:
+    return VideoError(f"{os.fspath(path)}: {problem}")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a decoder's message (ffmpeg appends its whole log)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _require_file(path) -> None:
+    if not os.path.isfile(path):
+        raise _error(path, "no such file")
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as uint8 [H, W, 3] RGB (alpha dropped, grayscale/palette expanded)."""
+    from PIL import Image
+
+    _require_file(path)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise _error(path, f"cannot read image ({_reason(exc)})") from exc
+
+
+def read_video(path) -> tuple[np.ndarray, float]:
+    """All frames of a video as uint8 [F, H, W, 3] RGB, and its average frame rate (ffmpeg via imageio)."""
+    import imageio.v3 as iio
+
+    _require_file(path)
+    try:
+        with iio.imopen(path, "r", plugin="FFMPEG") as video:
+            fps = float(video.metadata()["fps"])
+            frames = video.read(index=None)
+    except (OSError, RuntimeError, ValueError, IndexError, KeyError) as exc:
+        raise _error(path, f"cannot read video ({_reason(exc)})") from exc
+    if frames.ndim != 4 or len(frames) == 0:
+        raise _error(path, "the video has no frames")
+    return frames, fps
+
+
+def require_frames(path, frames, n: int) -> None:
+    """Fail unless `frames` (read from `path`) has at least n frames."""
+    if len(frames) < n:
+        raise _error(path, f"needs at least {n} frames, the file has {len(frames)}")
+
+
+def write_video(path, frames, fps: float = 16, quality: float = 5.0) -> None:
+    """Write frames (uint8, or float in [0, 1]) [F, H, W, 3] as an H.264 mp4 (yuv420p).
+
+    Float frames become uint8 as diffusers' export_to_video does for the reference (×255, truncated).
+    yuv420p needs even sizes: an odd height/width gets one replicated edge row/column
+    (never rescaled; imageio's macro-block resize is disabled). quality is imageio's 0–10 scale.
+    """
+    import imageio.v3 as iio
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"write_video: expected frames [F, H, W, 3] with F >= 1, got shape {frames.shape}")
+    if np.issubdtype(frames.dtype, np.floating):
+        frames = (np.clip(frames, 0, 1) * 255).astype(np.uint8)
+    elif frames.dtype != np.uint8:
+        raise ValueError(f"write_video: expected uint8 or float frames, got {frames.dtype}")
+    h, w = frames.shape[1:3]
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    try:
+        iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, codec="libx264", quality=quality,
+                    pixelformat="yuv420p", macro_block_size=1)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise _error(path, f"cannot write video ({_reason(exc)})") from exc
+
+
+def _float32_linspace_floor(stop: int, n: int) -> np.ndarray:
+    """torch.linspace(0, stop, n).long(): float32 values truncated.
+
+    torch's CPU kernels compute step·i (first half) and stop − step·(n−1−i) (second half) as fused
+    multiply-adds in float32; with an integer stop and a float32 step both are exact in float64, so
+    rounding the float64 values once to float32 reproduces them.
+    """
+    if n == 1:
+        return np.zeros(1, np.int64)
+    step = np.float64(np.float32(stop) / np.float32(n - 1))
+    i = np.arange(n)
+    exact = np.where(i < n // 2, step * i, stop - step * (n - 1 - i))
+    return exact.astype(np.float32).astype(np.int64)
+
+
+def select_frames(n_total: int, n: int, mode: str = "evenly") -> np.ndarray:
+    """Indices of the n frames the reference picks from a clip of n_total (int64).
+
+    "evenly": floor(linspace(0, n_total − 1, n)) in float32, as the pipeline, the infer scripts and
+    training do (float32 rounding makes a few indices differ from exact floor; repeats when n > n_total).
+    "first": the first min(n, n_total) frames.
+    """
+    if n_total < 1 or n < 1:
+        raise ValueError(f"select_frames: need n_total >= 1 and n >= 1, got {n_total} and {n}")
+    if mode == "evenly":
+        return _float32_linspace_floor(n_total - 1, n)
+    if mode == "first":
+        return np.arange(min(n, n_total))
+    raise ValueError(f"select_frames: unknown mode {mode!r} (use 'evenly' or 'first')")
+
+
+def resample_fps(n: int, fps: float, target: float = 16) -> np.ndarray:
+    """Indices that resample n frames at `fps` to `target` fps, as the training data pipeline does.
+
+    round(linspace(0, n − 1, int(n·(target/fps)))) with repeats removed (numpy rounds halves to even);
+    identity when fps == target; the middle frame when fewer than one frame would remain. The dataset
+    passes int(average fps) as `fps`.
+    """
+    if fps == target:
+        return np.arange(n)
+    count = int(n * (target / fps))
+    if count < 1:
+        return np.array([n // 2])
+    return np.unique(np.round(np.linspace(0, n - 1, count)).astype(np.int64))
+
+
+def resize(frames: np.ndarray, height: int, width: int, method: str = "lanczos") -> np.ndarray:
+    """Resize uint8 frames [..., H, W, 3] with PIL per frame (the pipeline's lanczos, or bicubic).
+
+    Frames already at the size are copied unchanged, as PIL does (the pipeline relies on this).
+    """
+    from PIL import Image
+
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize: unknown method {method!r} (use one of {RESIZE_METHODS})")
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
+        raise ValueError(f"resize: expected uint8 frames [..., H, W, 3], got {frames.dtype} {frames.shape}")
+    if frames.shape[-3:-1] == (height, width):
+        return frames.copy()
+    resample = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}[method]
+    flat = frames.reshape((-1,) + frames.shape[-3:])
+    out = np.stack([np.asarray(Image.fromarray(f).resize((width, height), resample)) for f in flat])
+    return out.reshape(frames.shape[:-3] + out.shape[1:])
+
+
+def to_model_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 pixels to float32 in [-1, 1] as the pipeline's VideoProcessor: x / 255 · 2 − 1 in float32."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"to_model_range: expected uint8 pixels, got {frames.dtype}")
+    return frames.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
