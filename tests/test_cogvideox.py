@@ -230,3 +230,34 @@ def test_full_size_forward_lowers():
     from benchmarks.flops import lower_forward  # noqa: PLC0415
     lowered = lower_forward(full_size_config().with_options(dtype="bfloat16", param_dtype="bfloat16"))
     assert "while" in lowered.as_text()[:2_000_000]  # the layer stack is scanned, not unrolled
+
+
+def test_sharded_bf16_source_and_sharding_placement(tmp_path):
+    """A sharded `*.index.json` checkpoint in bf16 converts like the single file; arrays can be
+    placed straight onto a sharding, and a converted checkpoint loads onto one too."""
+    import ml_dtypes  # noqa: PLC0415
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: PLC0415
+    from vapjax import checkpoint  # noqa: PLC0415
+
+    case = _golden_model_case()
+    sd = load_file(case / "diffusion_pytorch_model.safetensors")
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd[k].astype(ml_dtypes.bfloat16) for k in ks}, tmp_path / name)
+    index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((case / "config.json").read_text())
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    cfg, params = convert_transformer(str(tmp_path), str(tmp_path / "out"),
+                                      put=lambda path, a: jax.device_put(a, replicated))
+    _, want = convert_transformer(str(case), dtype=ml_dtypes.bfloat16)
+    leaves = jax.tree.leaves(params)
+    assert all(a.dtype == jnp.bfloat16 and a.sharding == replicated for a in leaves)
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+
+    loaded, _ = checkpoint.load(str(tmp_path / "out"), "cogvideox_transformer", sharding=lambda path, shape: replicated)
+    assert all(a.sharding == replicated for a in jax.tree.leaves(loaded))
+    jax.tree.map(np.testing.assert_array_equal, loaded, want)

@@ -84,6 +84,7 @@ def write_video(path, frames, fps: float = 16, quality: float = 5.0) -> None:
     h, w = frames.shape[1:3]
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, codec="libx264", quality=quality,
                     pixelformat="yuv420p", macro_block_size=1)
     except (OSError, RuntimeError, ValueError) as exc:

@@ -505,6 +505,13 @@ class CogVideoXTransformer(nn.Module):
         out = out.reshape(b, f, gh, gw, c.out_channels, p, p).transpose(0, 1, 2, 5, 3, 6, 4)
         return out.reshape(b, f, hh, ww, c.out_channels)
 
+    def init_all(self, latents, text, t):
+        """Creates every parameter without running the layer stack (cheap `init`)."""
+        out = self.backbone(latents, text, t)
+        if self.cfg.expert_layers:
+            self.expert(latents, text, t)
+        return out
+
     def _embed_refs(self, ref_latents, ref_text, t, frames):
         """Each reference is patch-embedded on its own (same learned table, unshifted) and the
         results concatenated: text [txt₁ … txt_N], video [vid₁ … vid_N] (COG:977-1006)."""
@@ -565,7 +572,9 @@ def dummy_inputs(cfg: CogVideoXConfig, batch: int = 1, frames: int | None = None
 
 def init_params(cfg: CogVideoXConfig, rng: Array) -> dict:
     """Random parameters {'backbone': …, 'expert': …} (no 'expert' without expert layers)."""
-    return jax.jit(lambda r: CogVideoXTransformer(cfg).init(r, *dummy_inputs(cfg, frames=1))["params"])(rng)
+    model = CogVideoXTransformer(cfg)
+    init = lambda r: model.init(r, *dummy_inputs(cfg, frames=1, num_refs=0), method=model.init_all)["params"]
+    return jax.jit(init)(rng)
 
 
 def param_shapes(cfg: CogVideoXConfig) -> dict:

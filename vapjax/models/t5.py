@@ -224,3 +224,8 @@ class T5Encoder(nn.Module):
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
         x, _ = blocks(cfg, name="blocks")(x, position_bias, buckets, mask)
         return RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+
+
+def init_params(cfg: T5Config, rng) -> dict:
+    """Randomly initialised parameters (for tests and random-weight demos)."""
+    return T5Encoder(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
