@@ -1,8 +1,8 @@
 """python -m convert SRC DST — PyTorch (diffusers/transformers) safetensors -> vapjax checkpoint.
 
-SRC is a diffusers model folder (config.json + safetensors, single or sharded). What it holds is
-read from its config: a CogVideoX(-VAP) transformer, or (with the pipeline converters) a whole
-pipeline folder with model_index.json.
+SRC is a diffusers/transformers model folder (config.json + safetensors, single or sharded): a
+CogVideoX(-VAP) transformer, a CogVideoX VAE or a T5 encoder, read from its config; or a whole
+pipeline folder (model_index.json), which converts every component.
 
   python -m convert ByteDance/Video-As-Prompt-CogVideoX-5B/transformer out/transformer
   python -m convert THUDM/CogVideoX-5b-I2V/transformer out/transformer --init-expert copy --expert-layers 0-40
@@ -43,6 +43,16 @@ def convert_folder(src: str, dst: str, *, init_expert=None, expert_layers=None, 
     if name.startswith("CogVideoXTransformer3D"):
         from convert.cogvideox import convert_transformer  # noqa: PLC0415
         convert_transformer(src, dst, init_expert=init_expert, expert_layers=expert_layers, dtype=dtype)
+        return name
+    if init_expert or expert_layers:
+        raise ConversionError(f"{src}: --init-expert/--expert-layers apply to a transformer, not a {name!r}")
+    if name == "AutoencoderKLCogVideoX":
+        from convert.cogvideox_vae import convert_vae  # noqa: PLC0415
+        convert_vae(src, dst, dtype=dtype)
+        return name
+    if name in ("T5EncoderModel", "UMT5EncoderModel"):
+        from convert.t5 import convert_t5  # noqa: PLC0415
+        convert_t5(src, dst, dtype=dtype)
         return name
     raise ConversionError(f"{src}: don't know how to convert a {name!r}")
 

@@ -152,7 +152,8 @@ def test_errors_are_one_line_and_name_the_file(tmp_path):
         require_frames(good, frames, 49)
     _one_line_naming(info.value, good)
 
-    unwritable = tmp_path / "no_such_dir" / "out.mp4"
+    (tmp_path / "a_file").write_text("")  # missing folders are created, but not under a file
+    unwritable = tmp_path / "a_file" / "out.mp4"
     with pytest.raises(VideoError, match="cannot write video") as info:
         write_video(unwritable, _smooth_video(2, 16, 16))
     _one_line_naming(info.value, unwritable)

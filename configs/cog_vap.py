@@ -1,0 +1,42 @@
+"""Sample with the official VAP CogVideoX-5B checkpoint (after `python -m convert`).
+
+    python sample.py --config configs/cog_vap.py --config.checkpoint=ckpt/vap-cog5b \
+        --config.image=cat.png --config.ref_video=balloon.mp4 \
+        --config.prompt="A cat ... inflates and floats away." --config.ref_prompt="A sneaker ... floats away." \
+        --config.output=out.mp4
+
+Several references (up to 3): --config.ref_video="a.mp4|b.mp4" --config.ref_prompt="caption a|caption b".
+Defaults follow the official inference script (infer/cog_vap.py): 480x720, 49 frames, 50 DDIM steps,
+CFG 6 with dynamic CFG, VAE posterior samples, bf16.
+"""
+import ml_collections
+
+from vapjax.pipelines.cogvideox_vap import DEFAULT_NEGATIVE_PROMPT
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.checkpoint = ""                 # a converted pipeline folder (python -m convert SRC DST)
+    c.image = ""                      # the image to animate
+    c.ref_video = ""                  # reference video(s), "|"-separated
+    c.prompt = ""                     # caption of the video to generate
+    c.ref_prompt = ""                 # caption of each reference video, "|"-separated
+    c.negative_prompt = DEFAULT_NEGATIVE_PROMPT
+    c.negative_ref_prompt = DEFAULT_NEGATIVE_PROMPT
+    c.output = "out.mp4"
+    c.fps = 16
+    c.height = 480
+    c.width = 720
+    c.num_frames = 49
+    c.steps = 50
+    c.guidance_scale = 6.0
+    c.dynamic_cfg = True
+    c.max_sequence_length = 226
+    c.frames_selection = "evenly"
+    c.posterior = "sample"            # VAE encodes: "sample" (official) or "mode"
+    c.seed = 0
+    c.dtype = "bfloat16"              # weights and compute; "" keeps the stored dtype
+    c.attention = ""                  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+    c.vae_tiling = True               # spatial tiles for the VAE (needed for 480x720 on one GPU)
+    c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
+    return c

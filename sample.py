@@ -1,0 +1,94 @@
+"""Generate a video with Video-As-Prompt (CogVideoX) in JAX.
+
+    python sample.py --config configs/cog_vap_tiny.py                  # tiny random model, no download
+    python sample.py --config configs/cog_vap.py --config.checkpoint=... --config.image=... \
+        --config.ref_video=... --config.prompt=... --config.ref_prompt=...
+
+Bad input (missing or unreadable files, a too-short reference, an impossible resolution, a folder
+that is not a converted checkpoint) ends with one `error: ...` line and exit status 2.
+"""
+import resource
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/cog_vap.py", lock_config=False)
+
+
+def build_pipeline(c):
+    from vapjax.models import cogvideox, cogvideox_vae, t5  # noqa: PLC0415
+    from vapjax.pipelines.cogvideox_vap import CogVideoXVAP  # noqa: PLC0415
+    if c.random_init:
+        m = c.model
+        return CogVideoXVAP.random(
+            cogvideox.CogVideoXConfig(**m.transformer.to_dict(), dtype=c.dtype or "float32",
+                                      param_dtype=c.dtype or "float32", attention=c.attention or None),
+            cogvideox_vae.VAEConfig(**m.vae.to_dict()), t5.T5Config(**m.text_encoder.to_dict()),
+            m.tokenizer, m.scheduler.to_dict(), seed=m.seed)
+    if not c.checkpoint:
+        raise ValueError("no checkpoint: pass --config.checkpoint=<converted pipeline folder>")
+    return CogVideoXVAP.load(c.checkpoint, dtype=c.dtype or None, attention=c.attention or None,
+                             tiling=c.vae_tiling)
+
+
+def peak_memory() -> str:
+    import jax  # noqa: PLC0415
+    stats = jax.devices()[0].memory_stats() or {}
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    dev = f"device peak {stats['peak_bytes_in_use'] / 2 ** 30:.2f} GiB, " if "peak_bytes_in_use" in stats else ""
+    return f"{dev}host peak RSS {host:.2f} GiB"
+
+
+def run(c) -> None:
+    from tqdm import tqdm  # noqa: PLC0415
+    from vapjax import video  # noqa: PLC0415
+    from vapjax.pipelines.cogvideox_vap import Request  # noqa: PLC0415
+
+    ref_paths = [p for p in c.ref_video.split("|") if p]
+    ref_prompts = tuple(c.ref_prompt.split("|")) if c.ref_prompt else ()
+    if not c.image or not ref_paths:
+        raise ValueError("pass --config.image=<image> and --config.ref_video=<reference video>")
+    image = video.read_image(c.image)
+    refs = []
+    for p in ref_paths:
+        frames, _ = video.read_video(p)
+        video.require_frames(p, frames, c.num_frames)
+        refs.append(frames)
+    req = Request(prompt=c.prompt, ref_prompts=ref_prompts, negative_prompt=c.negative_prompt,
+                  negative_ref_prompt=c.negative_ref_prompt, height=c.height, width=c.width,
+                  num_frames=c.num_frames, steps=c.steps, guidance_scale=c.guidance_scale,
+                  dynamic_cfg=c.dynamic_cfg, max_sequence_length=c.max_sequence_length,
+                  frames_selection=c.frames_selection, posterior=c.posterior, seed=c.seed)
+
+    t0 = time.time()
+    pipe = build_pipeline(c)
+    t_load = time.time() - t0
+    pipe.validate(image, refs, req)
+    bar = tqdm(total=c.steps, desc="denoising", unit="step")
+    t1 = time.time()
+    out = pipe(image, refs, req, progress=lambda i: bar.update(1))
+    bar.close()
+    t_gen = time.time() - t1
+    video.write_video(c.output, out.frames, fps=c.fps)
+    print(f"wrote {c.output}: {out.frames.shape[0]} frames {out.frames.shape[2]}x{out.frames.shape[1]}")
+    print(f"time: load {t_load:.1f}s, generate {t_gen:.1f}s (incl. compilation)")
+    print(f"memory: {peak_memory()}")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # absl would print JAX's backend probing at INFO
+    from vapjax.checkpoint import CheckpointError  # noqa: PLC0415
+    from vapjax.video import VideoError  # noqa: PLC0415
+    try:
+        run(_CONFIG.value)
+    except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
