@@ -10,6 +10,7 @@ that is not a converted checkpoint) ends with one `error: ...` line and exit sta
 import resource
 import sys
 import time
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -79,6 +80,8 @@ def run(c) -> None:
 
 def main(argv):
     del argv
+    # imageio's ffmpeg subprocess (fork + immediate exec) trips JAX's at-fork warning; it is harmless.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     logging.set_verbosity(logging.WARNING)  # absl would print JAX's backend probing at INFO
     from vapjax.checkpoint import CheckpointError  # noqa: PLC0415
     from vapjax.video import VideoError  # noqa: PLC0415

@@ -9,9 +9,6 @@ from conftest import golden_dir
 from vapjax.video import (VideoError, read_image, read_video, require_frames, resample_fps, resize,
                           select_frames, to_model_range, write_video)
 
-# imageio runs ffmpeg through subprocess (fork + immediate exec), which JAX's at-fork hook warns about
-# when JAX is loaded in the same pytest process; nothing runs in the forked child before exec.
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 def _smooth_video(f: int, h: int, w: int) -> np.ndarray:
