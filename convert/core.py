@@ -19,8 +19,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from convert.errors import ConversionError, short_list
-
-Path = tuple[str, ...]
+from vapjax.tree import Path
+from vapjax.tree import flatten as flatten_tree  # noqa: F401 (re-exported for model converters)
+from vapjax.tree import unflatten as unflatten_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,26 +68,6 @@ class Rule:
 
 def path_str(path: Path, index: int | None = None) -> str:
     return "/".join(path) + (f"[{index}]" if index is not None else "")
-
-
-def flatten_tree(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten_tree(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten_tree(flat: Mapping[Path, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
 
 
 def check(src_shapes: Mapping[str, Sequence[int]], rules: Sequence[Rule],

@@ -1,0 +1,45 @@
+"""Train the VAP expert on CogVideoX-5B-I2V, the official single-node recipe (spec §7.2):
+AdamW β (0.9, 0.99), ε 1e-8, weight decay 1e-4, clip 1.0, lr 1e-5 constant after 1000 warmup steps,
+60k steps, caption dropout 0.02, experts on layers 0–40, one reference, batch 1 per GPU × 8 GPUs.
+
+    python -m convert CogVideoX-5b-I2V/transformer ckpt/init --init-expert copy --expert-layers 0-40
+    python -m vapjax.data.precompute ...            # VAP-Data -> latents (see README)
+    python train.py --config configs/cog_vap_train.py --config.init_checkpoint=ckpt/init \
+        --config.data.dir=data/vap_latents --config.workdir=runs/vap
+"""
+import ml_collections
+
+COGVIDEOX_SCHEDULER = dict(
+    _class_name="CogVideoXDDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+    snr_shift_scale=1.0, steps_offset=0, timestep_spacing="trailing", clip_sample=False)
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/cog_vap"
+    c.init_checkpoint = ""          # converted transformer (backbone + expert); referenced, never copied
+    c.random_init = False
+    c.model = ml_collections.ConfigDict()
+    # bf16 weights and compute as the official trainer; per-layer full rematerialisation.
+    c.model_options = ml_collections.ConfigDict(dict(dtype="bfloat16", param_dtype="bfloat16", attention="",
+                                                     remat="full"))
+    c.unfreeze = ""                 # regex over parameter paths to train beyond the expert (ablations)
+    c.seed = 42
+    c.steps = 60_000
+    c.batch_size = 8                # global
+    c.caption_dropout = 0.02
+    c.scaling_factor = 0.7
+    c.scheduler = ml_collections.ConfigDict(COGVIDEOX_SCHEDULER)
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-5, warmup_steps=1000, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=1e-4,
+        grad_clip=1.0, fp32_moments=True, grad_accum=1))
+    c.data = ml_collections.ConfigDict(dict(kind="latents", dir="", num_refs=1, seed=42, worker_count=4, size=0))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep = 3
+    c.async_checkpoint = True
+    c.tensorboard = True
+    c.progress = True
+    return c
