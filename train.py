@@ -66,9 +66,12 @@ def make_data(c, model_cfg):
                              text_len=model_cfg.max_text_seq_length, text_dim=model_cfg.text_embed_dim,
                              num_refs=c.data.num_refs, seed=c.data.seed)
         return data, data.empty_text
+    import jax  # noqa: PLC0415
     from vapjax.data import loader  # noqa: PLC0415
-    it = loader.make_loader(c.data.dir, kind="latents", batch_size=c.batch_size, num_refs=c.data.num_refs,
-                            seed=c.data.seed, worker_count=c.data.worker_count)
+    if c.batch_size % jax.process_count():
+        raise TrainingError(f"batch_size {c.batch_size} does not split over {jax.process_count()} hosts")
+    it = loader.make_loader(c.data.dir, kind="latents", batch_size=c.batch_size // jax.process_count(),
+                            num_refs=c.data.num_refs, seed=c.data.seed, worker_count=c.data.worker_count)
     return it, loader.empty_text(c.data.dir)
 
 

@@ -10,7 +10,6 @@ pipeline folder (model_index.json), which converts every component.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,13 +20,8 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "fp32": "float32", "bf16
 
 
 def _class_name(src: str) -> str:
-    try:
-        with open(os.path.join(src, "config.json")) as f:
-            d = json.load(f)
-    except OSError:
-        raise ConversionError(f"{src}: no config.json (expected a diffusers model folder)") from None
-    except ValueError as e:
-        raise ConversionError(f"{src}/config.json: not valid JSON ({e})") from None
+    from convert.source import read_config  # noqa: PLC0415
+    d = read_config(src)
     return d.get("_class_name") or (d.get("architectures") or ["?"])[0]
 
 

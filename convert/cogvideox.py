@@ -6,18 +6,17 @@ adds the expert under the same names with `_mot_ref` on the module (spec §1.3):
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from convert.core import (IDENTITY, LINEAR, Path, Rule, Transform, assemble, check, conv_as_linear,
-                          flatten_leading, flatten_tree)
+                          flatten_leading)
 from convert.errors import ConversionError
-from convert.source import TensorSource
+from convert.source import TensorSource, read_config
 from vapjax import checkpoint
+from vapjax.tree import flatten as flatten_tree
 from vapjax.models.cogvideox import CogVideoXConfig, param_shapes
 
 KIND = "cogvideox_transformer"
@@ -100,13 +99,7 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
       on `expert_layers` initialised as copies of the backbone. Returns (config, params); writes a
       vapjax checkpoint to `dst` if given. `dtype`: storage dtype of the arrays (default: bf16 for a
       bf16 checkpoint, else fp32). `put(path, array)` places arrays (e.g. onto a sharding)."""
-    try:
-        with open(os.path.join(src, "config.json")) as f:
-            d = json.load(f)
-    except OSError:
-        raise ConversionError(f"{src}: no config.json (expected a diffusers transformer folder)") from None
-    except ValueError as e:
-        raise ConversionError(f"{src}/config.json: not valid JSON ({e})") from None
+    d = read_config(src)
     try:
         cfg = CogVideoXConfig.from_diffusers(d)
     except (KeyError, ValueError) as e:

@@ -6,16 +6,16 @@ checkpoint lacks is reported by name, and `check` rejects any key no rule consum
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from convert.core import Path, Rule, assemble, check, conv_kernel, flatten_tree
+from convert.core import Path, Rule, assemble, check, conv_kernel
+from vapjax.tree import flatten as flatten_tree
 from convert.errors import ConversionError
-from convert.source import TensorSource
+from convert.source import TensorSource, read_config
 from vapjax import checkpoint
 from vapjax.models.cogvideox_vae import VAEConfig, init_params
 
@@ -85,11 +85,7 @@ def target_shapes(cfg: VAEConfig) -> dict[Path, tuple[int, ...]]:
 
 def read_diffusers_config(src_dir: str) -> VAEConfig:
     path = os.path.join(src_dir, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: unreadable config ({e})") from None
+    config = read_config(src_dir)
     if config.get("_class_name", "AutoencoderKLCogVideoX") != "AutoencoderKLCogVideoX":
         raise ConversionError(f"{path}: a {config['_class_name']}, not an AutoencoderKLCogVideoX")
     try:

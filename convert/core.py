@@ -20,7 +20,6 @@ import numpy as np
 
 from convert.errors import ConversionError, short_list
 from vapjax.tree import Path
-from vapjax.tree import flatten as flatten_tree  # noqa: F401 (re-exported for model converters)
 from vapjax.tree import unflatten as unflatten_tree
 
 

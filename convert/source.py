@@ -23,6 +23,18 @@ _DTYPES = {
 }
 
 
+def read_config(folder: str) -> dict:
+    """A model folder's config.json, or a one-line ConversionError."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError:
+        raise ConversionError(f"{folder}: no config.json (expected a diffusers/transformers model folder)") from None
+    except ValueError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
 class SafetensorsFile:
     """One .safetensors file: header parsed eagerly, tensors read on demand."""
 

@@ -20,7 +20,6 @@ or both (then they must be equal, and the copy counts as consumed).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -28,9 +27,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from convert.core import LINEAR, Rule, assemble, check, flatten_tree
+from convert.core import LINEAR, Rule, assemble, check
+from vapjax.tree import flatten as flatten_tree
 from convert.errors import ConversionError
-from convert.source import TensorSource
+from convert.source import TensorSource, read_config
 from vapjax import checkpoint
 from vapjax.models.t5 import T5Config, T5Encoder
 
@@ -80,11 +80,7 @@ def _embedding_alias(src: TensorSource, shapes: dict, what: str) -> dict[str, st
 
 def read_transformers_config(src_dir: str) -> T5Config:
     path = os.path.join(src_dir, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: no readable transformers config ({type(e).__name__})") from None
+    hf = read_config(src_dir)
     try:
         return T5Config.from_transformers(hf)
     except (KeyError, ValueError) as e:

@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler
 
 from conftest import ROOT, rel_err
 from configs import cog_vap_train, cog_vap_train_tiny
 from convert.cogvideox import convert_transformer, rules, target_shapes
-from test_cogvideox import stock_model, torch_forward  # noqa: F401 (torch_forward documents the layout)
+from test_cogvideox import stock_model
 from vapjax import training
 from vapjax import tree as vtree
 from vapjax.models import cogvideox
@@ -287,3 +286,27 @@ def test_non_finite_loss_stops_without_poisoned_checkpoint(tmp_path):
     assert all(s <= bad_step for s in steps)
     for s in steps:  # every saved state is finite
         assert all(np.all(np.isfinite(a)) for a in _final_params(tmp_path, s).values())
+
+
+def test_train_on_precomputed_vap_data(tmp_path):
+    """The whole data path into train.py: a mini VAP-Data folder -> the vap_data TFDS dataset ->
+    latents precomputed with the (converted, official tiny) pipeline's VAE and T5 -> training the
+    pipeline's transformer from its converted checkpoint."""
+    from conftest import golden_dir  # noqa: PLC0415
+    from convert.pipeline import convert_pipeline  # noqa: PLC0415
+    from train import train  # noqa: PLC0415
+    from vapjax.data import precompute, synthetic, vap_data  # noqa: PLC0415
+
+    raw = synthetic.write(str(tmp_path / "raw"))
+    data = vap_data.build(raw, str(tmp_path / "data"), "tiny", workers=2)
+    convert_pipeline(str(golden_dir() / "cog_pipeline_tiny"), str(tmp_path / "pipe"))
+    encoders = precompute.Encoders.load(str(tmp_path / "pipe"), max_length=96)  # the tiny model's caption length
+    latents = precompute.precompute(data, str(tmp_path / "latents"), encoders, dtype="float32")
+
+    c = tiny_config(tmp_path / "run", steps=6, batch_size=2, random_init=False,
+                    init_checkpoint=str(tmp_path / "pipe" / "transformer"))
+    c.data.kind, c.data.dir = "latents", latents.data_dir
+    history, state, frozen = train(c)
+    losses = [m["loss"] for m in history]
+    assert len(losses) == 6 and np.all(np.isfinite(losses))
+    assert set(vtree.flatten(state.params)) and all(p[0] == "expert" for p in vtree.flatten(state.params))
