@@ -58,6 +58,9 @@ def load_model(c):
 
 
 def make_data(c, model_cfg):
+    """(batch iterator with get_state/set_state, empty-caption embedding [L, D]) for data.kind
+    'synthetic' (RandomLatents), 'latents' (precomputed vap_latents) or 'raw' (vap_data + encoders)."""
+    import numpy as np  # noqa: PLC0415
     if c.data.kind == "synthetic":
         from vapjax.data.random_latents import RandomLatents  # noqa: PLC0415
         lat_h, lat_w = model_cfg.sample_height, model_cfg.sample_width
@@ -70,9 +73,16 @@ def make_data(c, model_cfg):
     from vapjax.data import loader  # noqa: PLC0415
     if c.batch_size % jax.process_count():
         raise TrainingError(f"batch_size {c.batch_size} does not split over {jax.process_count()} hosts")
-    it = loader.make_loader(c.data.dir, kind="latents", batch_size=c.batch_size // jax.process_count(),
+    it = loader.make_loader(c.data.dir, kind=c.data.kind, batch_size=c.batch_size // jax.process_count(),
                             num_refs=c.data.num_refs, seed=c.data.seed, worker_count=c.data.worker_count)
-    return it, loader.empty_text(c.data.dir)
+    if c.data.kind == "latents":
+        return it, loader.empty_text(c.data.dir)
+    # Raw clips: encode with the pipeline's VAE and T5 on the fly (as the official trainer does).
+    from vapjax.data.precompute import EncodedBatches, Encoders  # noqa: PLC0415
+    if not c.data.pipeline:
+        raise TrainingError("data.kind='raw' needs data.pipeline=<converted pipeline folder> for the VAE and T5")
+    encoders = Encoders.load(c.data.pipeline, max_length=model_cfg.max_text_seq_length)
+    return EncodedBatches(it, encoders), np.asarray(encoders.encode_text([""]), np.float32)[0]
 
 
 def train(c):

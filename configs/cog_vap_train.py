@@ -34,7 +34,10 @@ def get_config():
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-5, warmup_steps=1000, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=1e-4,
         grad_clip=1.0, fp32_moments=True, grad_accum=1))
-    c.data = ml_collections.ConfigDict(dict(kind="latents", dir="", num_refs=1, seed=42, worker_count=4, size=0))
+    # kind: "latents" (python -m vapjax.data.precompute), "raw" (vap_data, encoded on the fly with the VAE
+    # and T5 of `pipeline`), or "synthetic" (RandomLatents of `size` examples, for smoke tests).
+    c.data = ml_collections.ConfigDict(dict(kind="latents", dir="", pipeline="", num_refs=1, seed=42,
+                                            worker_count=4, size=0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.log_every = 10
     c.checkpoint_every = 500

@@ -22,7 +22,7 @@ def get_config():
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 10
     c.optimizer.fp32_moments = False
-    c.data = ml_collections.ConfigDict(dict(kind="synthetic", dir="", num_refs=1, seed=0, worker_count=0, size=8))
+    c.data.update(dict(kind="synthetic", seed=0, worker_count=0, size=8))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.log_every = 50
     c.checkpoint_every = 100

@@ -310,3 +310,28 @@ def test_train_on_precomputed_vap_data(tmp_path):
     losses = [m["loss"] for m in history]
     assert len(losses) == 6 and np.all(np.isfinite(losses))
     assert set(vtree.flatten(state.params)) and all(p[0] == "expert" for p in vtree.flatten(state.params))
+
+    # The raw clips, encoded on the fly by the same VAE and T5.
+    c = tiny_config(tmp_path / "run_raw", steps=2, batch_size=2, random_init=False,
+                    init_checkpoint=str(tmp_path / "pipe" / "transformer"))
+    c.data.kind, c.data.dir, c.data.pipeline = "raw", data.data_dir, str(tmp_path / "pipe")
+    history, _, _ = train(c)
+    assert len(history) == 2 and np.all(np.isfinite([m["loss"] for m in history]))
+
+
+def test_unfreeze_regex_and_fp32_moments(tmp_path):
+    """--config.unfreeze trains more than the expert; bf16 weights keep fp32 Adam moments."""
+    from train import load_model, train  # noqa: PLC0415
+    c = tiny_config(tmp_path, steps=2, unfreeze="backbone/head/")
+    c.model_options.update(dict(dtype="bfloat16", param_dtype="bfloat16"))
+    c.optimizer.fp32_moments = True
+    _, initial = load_model(c)
+    _, state, frozen = train(c)
+    trained = {p[:2] for p in vtree.flatten(state.params)}
+    assert trained == {("expert", "blocks"), ("expert", "patch_embed"), ("expert", "time_embedding"),
+                       ("backbone", "head")}
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(state.params))
+    moments = [a for a in jax.tree.leaves(state.opt_state) if np.ndim(a) > 0]
+    assert moments and all(a.dtype == jnp.float32 for a in moments)
+    head = vtree.flatten(state.params)[("backbone", "head", "proj_out", "kernel")]
+    assert np.any(np.asarray(head) != np.asarray(initial["backbone"]["head"]["proj_out"]["kernel"]))

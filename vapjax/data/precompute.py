@@ -182,3 +182,34 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class EncodedBatches:
+    """Raw `vap_data` batches (make_loader(kind="raw")) encoded on the fly into the latents format,
+    for training without a precompute pass. Checkpointable like the iterator it wraps."""
+
+    def __init__(self, raw: Iterator[dict], encoders: Encoders):
+        self.raw, self.encoders = raw, encoders
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = next(self.raw)
+        n = b["ref_video"].shape[1]
+        refs = b["ref_video"].reshape((-1,) + b["ref_video"].shape[2:])
+        enc = self.encoders
+        out = {"latent_dist": enc.encode_video(b["video"]), "image_dist": enc.encode_video(b["video"][:, :1]),
+               "text": enc.encode_text([str(c) for c in b["caption"]]),
+               "ref_latent_dist": enc.encode_video(refs), "ref_image_dist": enc.encode_video(refs[:, :1]),
+               "ref_text": enc.encode_text([str(c) for c in np.ravel(b["ref_caption"])])}
+        out = {k: np.asarray(v, np.float32) for k, v in out.items()}
+        for k in ("ref_latent_dist", "ref_image_dist", "ref_text"):
+            out[k] = out[k].reshape((-1, n) + out[k].shape[1:])
+        return out
+
+    def get_state(self):
+        return self.raw.get_state()
+
+    def set_state(self, state) -> None:
+        self.raw.set_state(state)
