@@ -43,7 +43,7 @@ def load_model(c):
     options = {k: v for k, v in c.model_options.to_dict().items()}
     options["attention"] = options.get("attention") or None
     if c.random_init:
-        from vapjax.pipelines.cogvideox_vap import random_params  # noqa: PLC0415
+        from vapjax.random_init import random_params  # noqa: PLC0415
         cfg = cogvideox.CogVideoXConfig(**c.model.to_dict(), **options)
         return cfg, random_params(cogvideox.param_shapes(cfg), c.seed)
     if not c.init_checkpoint:

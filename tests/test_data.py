@@ -15,7 +15,7 @@ from conftest import ROOT
 from vapjax import video
 from vapjax.data import loader, precompute, synthetic, vap_data
 from vapjax.models import cogvideox_vae, t5
-from vapjax.pipelines.cogvideox_vap import random_params
+from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
 OK = [c for c in synthetic.CLIPS if c.expect == "ok"]

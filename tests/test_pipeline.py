@@ -1,5 +1,4 @@
 """The VAP pipeline beyond the golden single-reference case: several references, no CFG, seeding."""
-import jax
 import numpy as np
 import pytest
 

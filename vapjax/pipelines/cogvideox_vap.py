@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vapjax import checkpoint, sampling, video
+from vapjax.random_init import random_params
 from vapjax.models import cogvideox, cogvideox_vae, t5
 from vapjax.tokenizer import T5Tokenizer
 
@@ -260,24 +261,6 @@ def _denoise(cfg, params, latents, image_in, ref_in, text, ref_text, steps, scal
         return (out, {"noise_pred": v, "noise_pred_guided": out, "latent_model_input": xin}) if record else out
 
     return sampling.sample_loop(denoise, latents, steps, progress=progress, record=record)
-
-
-def random_params(shapes, seed: int):
-    """Weights drawn on the host from a parameter tree's shapes alone, without running the model's
-    `init` (seconds to minutes of compilation for a demo): kernels and embeddings N(0, 1/fan_in) with
-    fan_in = the second-to-last axis (times the window for 3D convolutions), norm scales 1, biases 0,
-    position tables N(0, 0.02²)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        name = getattr(path[-1], "key", "")
-        if name in ("scale", "bias"):
-            return jnp.full(s.shape, 1.0 if name == "scale" else 0.0, s.dtype)
-        std = 0.02 if name == "pos_embedding" else 1 / np.sqrt(
-            s.shape[-2] * (int(np.prod(s.shape[:-2])) if len(s.shape) == 5 else 1))
-        return jnp.asarray(rng.standard_normal(s.shape, np.float32) * std, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _require_pipeline_folder(path: str) -> None:
