@@ -108,7 +108,9 @@ def train(c):
     state = jax.jit(lambda p: training.init_state(p, tx))(trainable)
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
     schedule = sampling.DDIMSchedule.from_config(c.scheduler.to_dict())
-    step_fn = training.make_train_step(model, tx, schedule.alphas_cumprod, training.learning_rate(c.optimizer),
+    lr = training.learning_rate(c.optimizer)
+    step_fn = training.make_train_step(model, tx, schedule.alphas_cumprod,
+                                       lambda s: lr(s // c.optimizer.grad_accum),  # logged per optimizer step
                                        scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout,
                                        dtype=jnp.dtype(cfg.dtype))
     data, empty_text = make_data(c, cfg)
