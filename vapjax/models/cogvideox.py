@@ -484,7 +484,9 @@ class CogVideoXTransformer(nn.Module):
         if use_ref:
             if not c.expert_layers:
                 raise ValueError("this checkpoint has no expert: it cannot take a reference video")
-            n_ref, ref_video, ref_tok, emb_ref, rope_ref = self._embed_refs(ref_latents, ref_text, t, f)
+            if ref_text is None:
+                raise ValueError("reference latents need reference caption embeddings (ref_text)")
+            ref_video, ref_tok, emb_ref, rope_ref = self._embed_refs(ref_latents, ref_text, t, f)
         runs = layer_runs(c.num_layers, c.expert_layers if use_ref else ())
 
         state = (video, text_tok) + ((ref_video, ref_tok) if use_ref else ())
@@ -532,7 +534,7 @@ class CogVideoXTransformer(nn.Module):
         text_tok = text_tok.reshape(b, -1, c.dim)
         gh, gw = hh // c.patch_size, ww // c.patch_size
         rope_ref = rope_tables(*rope_positions(c, frames, gh, gw, num_refs=n), c.head_dim) if c.use_rotary else None
-        return n, video, text_tok, emb_ref, rope_ref
+        return video, text_tok, emb_ref, rope_ref
 
     def _remat(self, body):
         if self.cfg.remat == "none":
