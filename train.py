@@ -85,6 +85,58 @@ def make_data(c, model_cfg):
     return EncodedBatches(it, encoders), np.asarray(encoders.encode_text([""]), np.float32)[0]
 
 
+class MetricsSink:
+    """Process 0's outputs: every step to <workdir>/metrics.jsonl, summaries to stdout and TensorBoard."""
+
+    def __init__(self, c, enabled: bool):
+        self.file = open(os.path.join(c.workdir, "metrics.jsonl"), "a") if enabled else None
+        self.writer = None
+        if enabled and c.tensorboard:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+            self.writer = SummaryWriter(os.path.join(c.workdir, "tb"))
+
+    def step(self, m: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+
+    def summary(self, step: int, line: dict) -> None:
+        if not self.file:
+            return
+        from tqdm import tqdm  # noqa: PLC0415
+        tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in line.items()))
+        if self.writer:
+            for k, v in line.items():
+                self.writer.add_scalar(k.replace("/", "_per_"), v, step)
+
+    def close(self) -> None:
+        for f in (self.file, self.writer):
+            if f:
+                f.close()
+
+
+def setup(c):
+    """(model config, mesh, sharded train state, sharded frozen params, step function)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from vapjax import sampling, sharding, training  # noqa: PLC0415
+    from vapjax.models import cogvideox  # noqa: PLC0415
+
+    cfg, params = load_model(c)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    trainable, frozen = training.split_params(params, c.unfreeze)
+    frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
+    trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
+    tx = training.make_optimizer(c.optimizer)
+    state = jax.jit(lambda p: training.init_state(p, tx))(trainable)  # moments inherit the param shardings
+    lr = training.learning_rate(c.optimizer)
+    step_fn = training.make_train_step(
+        cogvideox.CogVideoXTransformer(cfg), tx, sampling.DDIMSchedule.from_config(c.scheduler.to_dict()).alphas_cumprod,
+        lambda s: lr(s // c.optimizer.grad_accum),  # logged per optimizer step
+        scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout, dtype=jnp.dtype(cfg.dtype))
+    return cfg, mesh, state, frozen, step_fn
+
+
 def train(c):
     """Run (or resume) training; returns (this run's per-step metrics, final state, frozen params).
     Process 0 also appends the metrics to <workdir>/metrics.jsonl and TensorBoard events to <workdir>/tb."""
@@ -92,54 +144,34 @@ def train(c):
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
-    from vapjax import sampling, sharding, training  # noqa: PLC0415
-    from vapjax.models import cogvideox  # noqa: PLC0415
+    from vapjax import sharding, training  # noqa: PLC0415
 
     main = jax.process_index() == 0
-    cfg, params = load_model(c)
-    model = cogvideox.CogVideoXTransformer(cfg)
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    trainable, frozen = training.split_params(params, c.unfreeze)
-    frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
-    trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
-    del params
-
-    tx = training.make_optimizer(c.optimizer)
-    state = jax.jit(lambda p: training.init_state(p, tx))(trainable)
-    state_shardings = jax.tree.map(lambda a: a.sharding, state)
-    schedule = sampling.DDIMSchedule.from_config(c.scheduler.to_dict())
-    lr = training.learning_rate(c.optimizer)
-    step_fn = training.make_train_step(model, tx, schedule.alphas_cumprod,
-                                       lambda s: lr(s // c.optimizer.grad_accum),  # logged per optimizer step
-                                       scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout,
-                                       dtype=jnp.dtype(cfg.dtype))
+    cfg, mesh, state, frozen, step_fn = setup(c)
     data, empty_text = make_data(c, cfg)
     ckpt = training.Checkpoints(os.path.join(c.workdir, "checkpoints"), every=c.checkpoint_every, keep=c.keep,
                                 async_save=c.async_checkpoint)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    restored = ckpt.restore(abstract)
+    restored = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
     if restored:
         step0, state, data_state = restored
         data.set_state(data_state)
         if main:
             print(f"resumed from step {step0}", flush=True)
-    config_dict = json.loads(c.to_json())
+
     rep = sharding.replicated(mesh)
     rng = jax.device_put(jax.random.PRNGKey(c.seed), rep)
     empty_text = jax.device_put(jnp.asarray(empty_text), rep)
-    first = next(data)  # after restoring the data state: the batch of step `start`
+    first = next(data)  # after restoring the data state: the batch of the first step to run
     batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in first.items()}
+    state_shardings = jax.tree.map(lambda a: a.sharding, state)
     jstep = jax.jit(step_fn, in_shardings=(state_shardings, jax.tree.map(lambda a: a.sharding, frozen),
                                            batch_shardings, rep, rep),
                     out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
     tokens = (cfg.max_text_seq_length + cfg.latent_frames * cfg.sample_height * cfg.sample_width
-              // cfg.patch_size ** 2) * (1 + c.data.num_refs)
-    metrics_file = open(os.path.join(c.workdir, "metrics.jsonl"), "a") if main else None
-    writer = None
-    if main and c.tensorboard:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415
-        writer = SummaryWriter(os.path.join(c.workdir, "tb"))
+              // cfg.patch_size ** 2) * (1 + c.data.num_refs)   # per sample, both streams
+    config_dict = json.loads(c.to_json())
+    sink = MetricsSink(c, enabled=main)
     history, window, t_last = [], [], time.time()
     start = int(state.step)
     bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main or not c.progress)
@@ -148,38 +180,27 @@ def train(c):
         batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], np.asarray(v)) for k, v in local.items()}
         state, m = jstep(state, frozen, batch, rng, empty_text)
         m = {k: float(v) for k, v in m.items()}
-        if not np.isfinite(m["loss"]) or not np.isfinite(m["grad_norm"]):
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
             ckpt.wait()
             raise TrainingError(f"non-finite loss {m['loss']} / grad norm {m['grad_norm']} at step {step}; "
                                 f"stopping without saving (last good checkpoint: {ckpt.manager.latest_step()})")
         m["step"] = step
         history.append(m)
         window.append(m)
-        if metrics_file:
-            metrics_file.write(json.dumps(m) + "\n")
-            metrics_file.flush()
+        sink.step(m)
         bar.update(1)
-        done = int(state.step)
+        done = step + 1
         ckpt.save(done, state, data.get_state(), config_dict, force=done == c.steps)
         if done % c.log_every == 0 or done == c.steps:
-            dt = time.time() - t_last
-            n = len(window)
-            line = {"loss": np.mean([w["loss"] for w in window]), "grad_norm": window[-1]["grad_norm"],
-                    "lr": window[-1]["lr"], "steps/s": n / dt, "samples/s": n * c.batch_size / dt,
-                    "tokens/s": n * c.batch_size * tokens / dt}
-            if main:
-                tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in line.items()))
-                if writer:
-                    for k, v in line.items():
-                        writer.add_scalar(k.replace("/", "_per_"), v, done)
+            dt, n = time.time() - t_last, len(window)
+            sink.summary(done, {"loss": np.mean([w["loss"] for w in window]), "grad_norm": m["grad_norm"],
+                                "lr": m["lr"], "steps/s": n / dt, "samples/s": n * c.batch_size / dt,
+                                "tokens/s": n * c.batch_size * tokens / dt})
             window, t_last = [], time.time()
     bar.close()
     ckpt.wait()
     ckpt.close()
-    if writer:
-        writer.close()
-    if metrics_file:
-        metrics_file.close()
+    sink.close()
     return history, state, frozen
 
 

@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 FORMAT = 1
@@ -75,11 +75,10 @@ def load(path: str, kind: str | None = None, *, dtype: Any = None,
         return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
 
     target = jax.tree_util.tree_map_with_path(abstract, tree)
-    if sharding is None:  # plain host/default-device restore
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                             sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                              target)
+    if sharding is None:  # everything on the default device
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
     params = ckpt.restore(params_dir, target)
     if dtype is not None:
-        params = jax.tree.map(lambda a: a.astype(dtype) if np.issubdtype(a.dtype, np.floating) or a.dtype == jax.numpy.bfloat16 else a, params)
+        params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     return params, config
