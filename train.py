@@ -129,11 +129,11 @@ def setup(c):
     trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
     tx = training.make_optimizer(c.optimizer)
     state = jax.jit(lambda p: training.init_state(p, tx))(trainable)  # moments inherit the param shardings
-    lr = training.learning_rate(c.optimizer)
-    step_fn = training.make_train_step(
-        cogvideox.CogVideoXTransformer(cfg), tx, sampling.DDIMSchedule.from_config(c.scheduler.to_dict()).alphas_cumprod,
-        lambda s: lr(s // c.optimizer.grad_accum),  # logged per optimizer step
+    objective = training.cogvideox_objective(
+        cogvideox.CogVideoXTransformer(cfg), sampling.DDIMSchedule.from_config(c.scheduler.to_dict()).alphas_cumprod,
         scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout, dtype=jnp.dtype(cfg.dtype))
+    lr = training.learning_rate(c.optimizer)
+    step_fn = training.make_train_step(objective, tx, lambda s: lr(s // c.optimizer.grad_accum))  # lr per optimizer step
     return cfg, mesh, state, frozen, step_fn
 
 

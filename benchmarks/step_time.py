@@ -85,9 +85,9 @@ def main():
         tx = training.make_optimizer(opt)
         trainable, frozen = training.split_params(params)
         state = jax.jit(lambda p: training.init_state(p, tx))(trainable)
-        step = training.make_train_step(model, tx, DDIMSchedule.from_config(COGVIDEOX_SCHEDULER).alphas_cumprod,
-                                        training.learning_rate(opt), scaling_factor=0.7, caption_dropout=0.02,
-                                        dtype=jnp.dtype(cfg.dtype))
+        objective = training.cogvideox_objective(model, DDIMSchedule.from_config(COGVIDEOX_SCHEDULER).alphas_cumprod,
+                                                 scaling_factor=0.7, caption_dropout=0.02, dtype=jnp.dtype(cfg.dtype))
+        step = training.make_train_step(objective, tx, training.learning_rate(opt))
         jstep = jax.jit(step, donate_argnums=(0,))
         b, n, f = args.batch, args.refs, lat.shape[1]
         hw = lat.shape[2:4]

@@ -173,17 +173,16 @@ def init_state(trainable: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable))
 
 
-def make_train_step(model, tx: optax.GradientTransformation, alphas_cumprod: np.ndarray, lr: optax.Schedule, *,
-                    scaling_factor: float, caption_dropout: float, dtype) -> Callable:
-    """train_step(state, frozen, batch, rng, empty_text) -> (state, metrics), CogVideoX objective.
-    Randomness is folded from (rng, step), so a resumed run draws what an uninterrupted one would."""
+def cogvideox_objective(model, alphas_cumprod: np.ndarray, *, scaling_factor: float, caption_dropout: float,
+                        dtype) -> Callable:
+    """objective(params, batch, rng, empty_text) -> loss: CogVideoX-VAP on a precomputed batch
+    (fresh posterior draws, official t draw, v-prediction loss on the target only)."""
     alphas = jnp.asarray(alphas_cumprod, jnp.float32)
 
-    def loss_fn(trainable, frozen, batch, rng, empty_text):
-        params = vtree.merge(trainable, frozen)
+    def objective(params, batch, rng, empty_text):
         k_in, k_t, k_noise = jax.random.split(rng, 3)
         x = cogvideox_inputs(batch, k_in, scaling_factor, empty_text, caption_dropout, dtype)
-        t = cogvideox_timesteps(k_t, x["x0"].shape[0], len(alphas_cumprod))
+        t = cogvideox_timesteps(k_t, x["x0"].shape[0], len(alphas))
         noise = jax.random.normal(k_noise, x["x0"].shape).astype(dtype)
 
         def predict(x_t, t):
@@ -191,6 +190,18 @@ def make_train_step(model, tx: optax.GradientTransformation, alphas_cumprod: np.
             return model.apply({"params": params}, latents, x["text"], t, x["ref_input"], x["ref_text"])
 
         return cogvideox_loss(predict, x["x0"], noise, t, alphas)
+
+    return objective
+
+
+def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: optax.Schedule) -> Callable:
+    """train_step(state, frozen, batch, rng, empty_text) -> (state, metrics) for any
+    objective(params, batch, rng, empty_text) -> loss (e.g. `cogvideox_objective`; a Wan objective would
+    wrap `flow_matching_loss` the same way). Gradients flow only into `state.params`; `frozen` is a plain
+    input. Randomness is folded from (rng, step), so a resumed run draws what an uninterrupted one would."""
+
+    def loss_fn(trainable, frozen, batch, rng, empty_text):
+        return objective(vtree.merge(trainable, frozen), batch, rng, empty_text)
 
     def train_step(state: TrainState, frozen, batch, rng, empty_text):
         rng = jax.random.fold_in(rng, state.step)
