@@ -40,7 +40,7 @@ def load_model(c):
     """(model config, full parameter tree) from a converted checkpoint or random tiny weights."""
     import jax  # noqa: PLC0415
     from vapjax.models import cogvideox  # noqa: PLC0415
-    options = {k: v for k, v in c.model_options.to_dict().items()}
+    options = c.model_options.to_dict()
     options["attention"] = options.get("attention") or None
     if c.random_init:
         from vapjax.random_init import random_params  # noqa: PLC0415

@@ -9,7 +9,7 @@ from conftest import ROOT, golden_dir
 from vapjax.video import read_video
 
 
-def sample(*overrides, tmp_path=None):
+def sample(*overrides):
     args = [sys.executable, "sample.py", "--config", "configs/cog_vap_tiny.py", *overrides]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 

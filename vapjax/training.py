@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -252,10 +252,3 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
-
-
-def batches(it: Iterator[Mapping[str, np.ndarray]], shardings: Mapping[str, Any]) -> Iterator[dict[str, Array]]:
-    """Host batches -> global device arrays (each process contributes its local rows)."""
-    for b in it:
-        yield {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in b.items()
-               if k in shardings}

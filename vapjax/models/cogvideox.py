@@ -230,10 +230,6 @@ def sincos_position_table(cfg: CogVideoXConfig, latent_frames: int, grid_h: int,
 # Layers
 # ----------------------------------------------------------------------------------------------
 
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
 class LayerNorm(nn.Module):
     """LayerNorm with float32 statistics and affine, output in the compute dtype."""
     eps: float
@@ -253,7 +249,7 @@ class LayerNorm(nn.Module):
 
 
 def _dense(cfg: CogVideoXConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name=name)
+    return nn.Dense(features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
 
 
 class LayerNormZero(nn.Module):
@@ -266,7 +262,7 @@ class LayerNormZero(nn.Module):
         c = self.cfg
         mod = _dense(c, 6 * c.dim, "linear")(nn.silu(emb))[:, None]
         shift, scale, gate, t_shift, t_scale, t_gate = jnp.split(mod, 6, axis=-1)
-        norm = LayerNorm(c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), name="norm")
+        norm = LayerNorm(c.norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name="norm")
         return (norm(video) * (1 + scale) + shift, norm(text) * (1 + t_scale) + t_shift, gate, t_gate)
 
 
@@ -277,8 +273,8 @@ class Attention(nn.Module):
     def setup(self):
         c = self.cfg
         self.to_q, self.to_k, self.to_v = (_dense(c, c.dim, n) for n in ("to_q", "to_k", "to_v"))
-        self.norm_q = LayerNorm(1e-6, _dtype(c.dtype), _dtype(c.param_dtype))
-        self.norm_k = LayerNorm(1e-6, _dtype(c.dtype), _dtype(c.param_dtype))
+        self.norm_q = LayerNorm(1e-6, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+        self.norm_k = LayerNorm(1e-6, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
         self.to_out = _dense(c, c.dim, "to_out")
 
     def qkv(self, x: Array):
@@ -287,9 +283,6 @@ class Attention(nn.Module):
 
     def out(self, o: Array) -> Array:
         return self.to_out(o.reshape(*o.shape[:-2], -1))
-
-    def __call__(self, x):  # for init only
-        return self.out(self.qkv(x)[2])
 
 
 class FeedForward(nn.Module):
@@ -356,7 +349,7 @@ class PatchEmbed(nn.Module):
         text = _dense(c, c.dim, "text_proj")(text)
         if c.use_learned_pos:
             table = self.param("pos_embedding", lambda _: sincos_position_table(
-                c, c.latent_frames, c.sample_height // p, c.sample_width // p).astype(_dtype(c.param_dtype)))
+                c, c.latent_frames, c.sample_height // p, c.sample_width // p).astype(jnp.dtype(c.param_dtype)))
         if c.use_learned_pos or not c.use_rotary:
             if text.shape[1] != c.max_text_seq_length:
                 raise ValueError(f"caption length {text.shape[1]} != max_text_seq_length {c.max_text_seq_length}")
@@ -377,7 +370,7 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, t: Array) -> Array:
         c = self.cfg
-        x = timestep_features(t, c.dim, c.flip_sin_to_cos, c.freq_shift).astype(_dtype(c.dtype))
+        x = timestep_features(t, c.dim, c.flip_sin_to_cos, c.freq_shift).astype(jnp.dtype(c.dtype))
         return _dense(c, c.time_embed_dim, "linear_2")(nn.silu(_dense(c, c.time_embed_dim, "linear_1")(x)))
 
 
@@ -389,7 +382,7 @@ class AdaLayerNorm(nn.Module):
     def __call__(self, x: Array, emb: Array) -> Array:
         c = self.cfg
         shift, scale = jnp.split(_dense(c, 2 * c.dim, "linear")(nn.silu(emb))[:, None], 2, axis=-1)
-        return LayerNorm(c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), name="norm")(x) * (1 + scale) + shift
+        return LayerNorm(c.norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name="norm")(x) * (1 + scale) + shift
 
 
 class OutputHead(nn.Module):
@@ -399,7 +392,7 @@ class OutputHead(nn.Module):
     @nn.compact
     def __call__(self, video: Array, emb: Array) -> Array:
         c = self.cfg
-        x = LayerNorm(c.norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), name="norm_final")(video)
+        x = LayerNorm(c.norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name="norm_final")(video)
         x = AdaLayerNorm(c, name="norm_out")(x, emb)
         return _dense(c, c.patch_size ** 2 * c.out_channels, "proj_out")(x)
 

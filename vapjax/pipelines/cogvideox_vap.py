@@ -173,7 +173,6 @@ class CogVideoXVAP:
         tcfg = self.transformer.config
         dtype = jnp.dtype(tcfg.dtype)
         n_ref, h, w, f = len(ref_videos), req.height, req.width, req.num_frames
-        trace = {}
 
         # 1. Pixels: reference frames chosen over each reference's own length, resized, in [-1, 1].
         px = lambda frames: jnp.asarray(video.to_model_range(video.resize(frames, h, w)))[None]
@@ -228,9 +227,10 @@ class CogVideoXVAP:
         decode_input = final * np.float32(1 / self.vae.config.scaling_factor)
         decoded = self._vae_decode(self.vae.params, decode_input)
         frames = np.asarray(jnp.clip(decoded.astype(jnp.float32) * 0.5 + 0.5, 0, 1))[0]
+        trace = None
         if record:
             names = ("negative_prompt", "prompt", "negative_prompt_mot_ref")
-            trace.update({f"input_ids.{n}": ids[i:i + 1] for i, n in enumerate(names)})
+            trace = {f"input_ids.{n}": ids[i:i + 1] for i, n in enumerate(names)}
             trace["input_ids.prompt_mot_ref"] = ids[3:]
             trace.update(negative_prompt_embeds=neg, prompt_embeds=pos, negative_prompt_embeds_mot_ref=neg_ref,
                          prompt_embeds_mot_ref=ref_text_pos, image_latents=image_latents,
@@ -246,7 +246,7 @@ class CogVideoXVAP:
                          **{f"vae_encode.{k}": v for k, v in raw.items()},
                          **{f"steps.{k}": v for k, v in history.items()})
             trace = {k: np.asarray(v) for k, v in trace.items()}
-        return Output(frames=frames, latents=np.asarray(final), trace=trace or None)
+        return Output(frames=frames, latents=np.asarray(final), trace=trace)
 
 
 def _denoise(cfg, params, latents, image_in, ref_in, text, ref_text, steps, scales, *, guided, record, progress):
