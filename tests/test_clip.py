@@ -12,10 +12,11 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, golden_dir, rel_err
 from convert.__main__ import convert_folder
-from convert.clip import POSITION_IDS, VISION, convert_clip, load_clip
+from convert.clip import POSITION_IDS, VISION, _prefix, convert_clip, load_clip, rules, target_shapes
+from convert.core import check
 from convert.errors import ConversionError
 from vapjax.clip_preprocess import CLIPPreprocessConfig, preprocess
-from vapjax.models.clip import CLIPVisionConfig, CLIPVisionEncoder, image_embeds
+from vapjax.models.clip import CLIPVisionConfig, CLIPVisionEncoder, image_embeds, param_shapes
 from vapjax.video import read_image
 
 import torch  # noqa: E402 (test-only references)
@@ -108,6 +109,20 @@ def test_config_round_trip(tiny):
     assert CLIPVisionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert CLIPVisionConfig.from_transformers(json.loads((src / "config.json").read_text()),
                                               with_projection=True) == cfg
+
+
+def test_vit_h_14_plan_at_full_size():
+    """The converter's plan for the real ViT-H/14 (shapes only: transformers on the meta device,
+    ours by eval_shape) and the 257 x 1280 penultimate output Wan conditions on."""
+    hf_cfg = transformers.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                           num_attention_heads=16, patch_size=14, image_size=224, hidden_act="gelu")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in transformers.CLIPVisionModel(hf_cfg).state_dict().items()}
+    cfg = CLIPVisionConfig()  # the defaults are ViT-H/14
+    assert cfg == CLIPVisionConfig.from_transformers(hf_cfg.to_dict())
+    check(shapes, rules(cfg, _prefix(shapes)), target_shapes(cfg))
+    out = jax.eval_shape(partial(image_embeds, cfg), param_shapes(cfg), jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+    assert out.shape == (2, 257, 1280)
 
 
 def test_wrong_pixel_size_is_one_line(tiny):
