@@ -85,7 +85,7 @@ def read_transformers_config(src_dir: str) -> CLIPVisionConfig:
         raise ConversionError(f"{path}: {e}") from None
 
 
-def _prefix(shapes: dict) -> str:
+def key_prefix(shapes: dict) -> str:
     """`vision_model.`, or "" for a transformers >= 5 CLIPVisionModel (no key has the prefix)."""
     return VISION if any(k.startswith(VISION) for k in shapes) else ""
 
@@ -108,7 +108,7 @@ def convert_clip(src_dir: str, dst_dir: str, dtype=None) -> CLIPVisionConfig:
     cfg = read_transformers_config(src_dir)
     src = TensorSource.open(src_dir, stem="model")
     shapes = src.shapes()
-    prefix = _prefix(shapes)
+    prefix = key_prefix(shapes)
     _consume_position_ids(src, shapes, cfg, prefix + POSITION_IDS, src_dir)
     plan, targets = rules(cfg, prefix), target_shapes(cfg)
     check(shapes, plan, targets, what=src_dir)

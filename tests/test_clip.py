@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, golden_dir, rel_err
 from convert.__main__ import convert_folder
-from convert.clip import POSITION_IDS, VISION, _prefix, convert_clip, load_clip, rules, target_shapes
+from convert.clip import POSITION_IDS, VISION, key_prefix, convert_clip, load_clip, rules, target_shapes
 from convert.core import check
 from convert.errors import ConversionError
 from vapjax.clip_preprocess import CLIPPreprocessConfig, preprocess
@@ -120,7 +120,7 @@ def test_vit_h_14_plan_at_full_size():
         shapes = {k: tuple(v.shape) for k, v in transformers.CLIPVisionModel(hf_cfg).state_dict().items()}
     cfg = CLIPVisionConfig()  # the defaults are ViT-H/14
     assert cfg == CLIPVisionConfig.from_transformers(hf_cfg.to_dict())
-    check(shapes, rules(cfg, _prefix(shapes)), target_shapes(cfg))
+    check(shapes, rules(cfg, key_prefix(shapes)), target_shapes(cfg))
     out = jax.eval_shape(partial(image_embeds, cfg), param_shapes(cfg), jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
     assert out.shape == (2, 257, 1280)
 
