@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, golden_dir, rel_err
 from convert.__main__ import convert_folder
-from convert.clip import POSITION_IDS, VISION, key_prefix, convert_clip, load_clip, rules, target_shapes
+from convert.clip import POSITION_IDS, VISION, convert_clip, key_prefix, load_clip, rules, target_shapes
 from convert.core import check
 from convert.errors import ConversionError
 from vapjax.clip_preprocess import CLIPPreprocessConfig, preprocess
