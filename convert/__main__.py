@@ -48,6 +48,10 @@ def convert_folder(src: str, dst: str, *, init_expert=None, expert_layers=None, 
         from convert.t5 import convert_t5  # noqa: PLC0415
         convert_t5(src, dst, dtype=dtype)
         return name
+    if name in ("CLIPVisionModel", "CLIPVisionModelWithProjection"):
+        from convert.clip import convert_clip  # noqa: PLC0415
+        convert_clip(src, dst, dtype=dtype)
+        return name
     raise ConversionError(f"{src}: don't know how to convert a {name!r}")
 
 
