@@ -44,6 +44,10 @@ def convert_folder(src: str, dst: str, *, init_expert=None, expert_layers=None, 
         from convert.cogvideox_vae import convert_vae  # noqa: PLC0415
         convert_vae(src, dst, dtype=dtype)
         return name
+    if name == "AutoencoderKLWan":
+        from convert.wan_vae import convert_vae as convert_wan_vae  # noqa: PLC0415
+        convert_wan_vae(src, dst, dtype=dtype)
+        return name
     if name in ("T5EncoderModel", "UMT5EncoderModel"):
         from convert.t5 import convert_t5  # noqa: PLC0415
         convert_t5(src, dst, dtype=dtype)
