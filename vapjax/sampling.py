@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from fractions import Fraction
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vapjax.numerics import torch_linspace
 
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
@@ -35,29 +36,13 @@ _DEFAULTS = dict(
 _IGNORED = ("clip_sample", "clip_sample_range", "sample_max_value")
 
 
-def _torch_linspace(start: float, end: float, n: int, dtype) -> np.ndarray:
-    """torch.linspace on CPU: the first half is start + step·i, the second end − step·(n−1−i).
-
-    torch's SIMD kernels (AVX2/AVX512) evaluate each as one fused multiply-add; exact rationals rounded
-    once emulate that (for float32 the exact value fits in float64, so the two roundings are one).
-    """
-    start, end = dtype(start), dtype(end)
-    if n == 1:
-        return np.array([start], dtype)
-    step = (end - start) / dtype(n - 1)
-    half = n // 2
-    values = [Fraction(float(step)) * i + Fraction(float(start)) for i in range(half)]
-    values += [Fraction(float(end)) - Fraction(float(step)) * (n - 1 - i) for i in range(half, n)]
-    return np.array([float(v) for v in values]).astype(dtype)
-
-
 def _alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
     """ᾱ_t for t = 0..T−1, in the dtype diffusers uses (float64 for scaled_linear, float32 for linear)."""
     n = cfg["num_train_timesteps"]
     if cfg["beta_schedule"] == "scaled_linear":
-        betas = _torch_linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, np.float64) ** 2
+        betas = torch_linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, np.float64) ** 2
     else:
-        betas = _torch_linspace(cfg["beta_start"], cfg["beta_end"], n, np.float32)
+        betas = torch_linspace(cfg["beta_start"], cfg["beta_end"], n, np.float32)
     ab = np.cumprod(1 - betas, dtype=np.float64).astype(betas.dtype)  # torch accumulates in float64
     s = cfg["snr_shift_scale"]
     ab = ab / (s + (1 - s) * ab)

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from vapjax.numerics import torch_linspace
+
 RESIZE_METHODS = ("lanczos", "bicubic")
 
 
@@ -91,21 +93,6 @@ def write_video(path, frames, fps: float = 16, quality: float = 5.0) -> None:
         raise _error(path, f"cannot write video ({_reason(exc)})") from exc
 
 
-def _float32_linspace_floor(stop: int, n: int) -> np.ndarray:
-    """torch.linspace(0, stop, n).long(): float32 values truncated.
-
-    torch's CPU kernels compute step·i (first half) and stop − step·(n−1−i) (second half) as fused
-    multiply-adds in float32; with an integer stop and a float32 step both are exact in float64, so
-    rounding the float64 values once to float32 reproduces them.
-    """
-    if n == 1:
-        return np.zeros(1, np.int64)
-    step = np.float64(np.float32(stop) / np.float32(n - 1))
-    i = np.arange(n)
-    exact = np.where(i < n // 2, step * i, stop - step * (n - 1 - i))
-    return exact.astype(np.float32).astype(np.int64)
-
-
 def select_frames(n_total: int, n: int, mode: str = "evenly") -> np.ndarray:
     """Indices of the n frames the reference picks from a clip of n_total (int64).
 
@@ -116,7 +103,7 @@ def select_frames(n_total: int, n: int, mode: str = "evenly") -> np.ndarray:
     if n_total < 1 or n < 1:
         raise ValueError(f"select_frames: need n_total >= 1 and n >= 1, got {n_total} and {n}")
     if mode == "evenly":
-        return _float32_linspace_floor(n_total - 1, n)
+        return torch_linspace(0, n_total - 1, n).astype(np.int64)  # .long() truncates; values are >= 0
     if mode == "first":
         return np.arange(min(n, n_total))
     raise ValueError(f"select_frames: unknown mode {mode!r} (use 'evenly' or 'first')")
