@@ -21,7 +21,10 @@ from safetensors.numpy import load_file
 
 from conftest import GoldenCaseError, golden_cases, golden_dir, golden_kind, golden_meta, rel_err
 from convert.cogvideox import convert_transformer
+from convert.pipeline import convert_pipeline
 from vapjax.models import cogvideox
+from vapjax.pipelines.cogvideox_vap import CogVideoXVAP, Request
+from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 
 CASES = golden_cases()
 
@@ -97,8 +100,6 @@ CALL_FIXED = {
 def request_from_call(meta):
     """Our Request for the recorded official call; a GoldenCaseError (one line) for any call field we
     cannot honour."""
-    from vapjax.pipelines.cogvideox_vap import DEFAULT_NEGATIVE_PROMPT, Request  # noqa: PLC0415
-
     call = meta["call"]
     unknown = sorted(set(call) - set(CALL_TO_REQUEST) - set(CALL_INPUTS) - set(CALL_FIXED))
     absent = sorted(set(CALL_TO_REQUEST) - set(call))
@@ -141,21 +142,20 @@ def _golden_layout(name, shape):
 
 
 def check_cogvideox_pipeline(case, tmp_path):
-    from convert.pipeline import convert_pipeline  # noqa: PLC0415
-    from vapjax.pipelines.cogvideox_vap import CogVideoXVAP  # noqa: PLC0415
-
     meta = golden_meta(case)
     req = request_from_call(meta)
     convert_pipeline(str(case), str(tmp_path / "pipe"))
     pipe = CogVideoXVAP.load(str(tmp_path / "pipe"))
     inp = load_file(case / "inputs.safetensors")
-    out = pipe(inp["image"], list(inp["ref_videos"]), req,
-               latents=np.asarray(channels_last(inp["latents"])), record=True)
+    recorded = {}
+    out = pipe(inp["image"], list(inp["ref_videos"]), req, latents=np.asarray(channels_last(inp["latents"])),
+               recorder=recorded.__setitem__)
     trace = load_file(case / "trace.safetensors")
+    np.testing.assert_array_equal(recorded["reference_frames.0"], meta["frame_indices"])
 
     # Names in the golden trace that are ours under another name; N = 1 reference here.
-    ours = {**out.trace, **{k.replace("vae_encode.", "vae_encode_mode.").removesuffix(".0"): v
-                            for k, v in out.trace.items() if k.startswith("vae_encode.")}}
+    ours = {**recorded, **{k.replace("vae_encode.", "vae_encode_mode.").removesuffix(".0"): v
+                           for k, v in recorded.items() if k.startswith("vae_encode.")}}
     tables = {"rope", "rope_mot_ref"}
     f, gh, gw = out.latents.shape[1], out.latents.shape[2] // 2, out.latents.shape[3] // 2
     for name, refs in (("rope", 0), ("rope_mot_ref", len(req.ref_prompts))):

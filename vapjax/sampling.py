@@ -203,29 +203,33 @@ def dynamic_cfg_scale(guidance: float, t: int, num_steps: int) -> float:
     return 1 + guidance * ((1 - math.cos(math.pi * ((num_steps - t) / num_steps) ** 5.0)) / 2)
 
 
-def sample_loop(denoise_fn: Callable, latents, steps: DDIMSteps,
+def sample_loop(denoise_fn: Callable, latents, steps: DDIMSteps, dtype=None,
                 progress: Callable[[Any], None] | None = None, record: bool = False):
     """Run every DDIM step of `steps` from `latents` with `jax.lax.scan`; returns the final latents.
 
     denoise_fn(x, t, i) -> model prediction of the schedule's type (already guided), jittable; x has
-    latents' dtype, t is the int32 timestep and i the int32 step index (e.g. to pick a per-step CFG scale).
-    progress(i), if given, is called on the host once per step (an unordered jax.debug.callback, so it
-    also works on sharded computations), e.g. to advance a progress bar. Wrap the caller in jax.jit to
-    compile the whole loop with the model.
+    the latents' dtype, t is the int32 timestep and i the int32 step index (e.g. to pick a per-step CFG
+    scale). `dtype` (default: the given latents' own) is the dtype the latents are kept in: they are
+    cast to it before the first step and after every step, as the pipeline casts them to its compute
+    dtype (CPIPE:1057). progress(i), if given, is called on the host once per step (an unordered
+    jax.debug.callback, so it also works on sharded computations), e.g. to advance a progress bar.
+    Wrap the caller in jax.jit to compile the whole loop with the model.
 
     record=True: denoise_fn returns (prediction, aux) and the result is (final, history) where history
     holds, stacked over steps, `pred_original_sample`, `latents` (after each step) and aux's entries.
     """
+    dtype = jnp.dtype(dtype or latents.dtype)
+
     def body(x, xs):
         i, step = xs
         pred = denoise_fn(x, step.timestep, i)
         pred, aux = pred if record else (pred, {})
         x_prev, x0 = ddim_step(step, x, pred)
-        x_prev = x_prev.astype(x.dtype)  # the pipeline keeps latents in their own dtype between steps
+        x_prev = x_prev.astype(dtype)
         if progress is not None:
             jax.debug.callback(progress, i)
         return x_prev, ({"pred_original_sample": x0, "latents": x_prev, **aux} if record else None)
 
     index = jnp.arange(len(steps), dtype=jnp.int32)
-    out, history = jax.lax.scan(body, latents, (index, steps))
+    out, history = jax.lax.scan(body, jnp.asarray(latents).astype(dtype), (index, steps))
     return (out, history) if record else out
