@@ -234,6 +234,21 @@ def test_scan_loop_keeps_bf16_latents():
     assert out.dtype == jnp.bfloat16
 
 
+def test_scan_loop_casts_to_the_compute_dtype():
+    """Latents in another dtype are cast to `dtype` before the first step and after every step (CPIPE:1057):
+    bf16 latents into a float32 loop give exactly the float32 run of the same values."""
+    steps = DDIMSchedule.from_config(COGVIDEOX).steps(3)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4)), jnp.bfloat16)
+    seen = []
+    denoise = lambda x, t, i: (seen.append(x.dtype), (jnp.tanh(x) * 0.5, {}))[1]  # noqa: E731
+    out, history = sample_loop(denoise, x, steps, dtype=jnp.float32, record=True)
+    assert out.dtype == history["latents"].dtype == jnp.float32 and set(seen) == {jnp.dtype(jnp.float32)}
+    plain = lambda x, t, i: jnp.tanh(x) * 0.5  # noqa: E731
+    np.testing.assert_array_equal(sample_loop(plain, x, steps, dtype=jnp.float32),
+                                  sample_loop(plain, x.astype(jnp.float32), steps))
+    assert sample_loop(plain, x.astype(jnp.float32), steps, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
 def test_dynamic_cfg_scale_formula():
     # t = S gives exactly 1; the scale is evaluated with Python floats (no numpy rounding differences).
     assert dynamic_cfg_scale(6.0, 50, 50) == 1.0
