@@ -141,8 +141,18 @@ def test_tiled_decode(tiny, ref_tiling):
     print(f"tiled decode rel err: vs diffusers tiled {err:.2e}, vs our untiled {vs_untiled:.2e}")
     assert got.shape == (1, 9, 64, 64, 3) and err <= 1e-5
     # Tiles see less context (GroupNorm statistics, borders) and are cross-faded, so they differ from the whole
-    # picture; with random weights and tiles this small the difference is large (measured 0.20).
-    assert vs_untiled <= 0.3
+    # picture; with random weights and tiles this small the difference is large (measured 0.20). The parity
+    # above pins the tiling itself; this bound only says the tiles make up the picture, and 0.25 catches a
+    # tile left out (0.49) or two tiles in each other's place (0.76), measured below.
+    assert vs_untiled <= 0.25
+    got = np.asarray(got)
+    dropped = got.copy()
+    dropped[:, :, 40:, 32:] = 0                       # the last tile (rows 40-63, columns 32-63) left black
+    swapped = got.copy()
+    swapped[:, :, :24, :32], swapped[:, :, 40:, 32:] = got[:, :, 40:, 32:], got[:, :, :24, :32]
+    mistakes = {"dropped": rel_err(dropped, untiled), "swapped": rel_err(swapped, untiled)}
+    print(f"tiled decode with a mistake vs our untiled: {mistakes}")
+    assert min(mistakes.values()) > 0.25
 
 
 def test_tiled_encode(tiny, ref_tiling):
@@ -205,6 +215,9 @@ def test_bf16_close_to_fp32(golden):
     err_enc = rel_err(latents.astype(jnp.float32), to_ours(golden.trace["vae_encode_mode.ref_video"]))
     err_dec = rel_err(frames.astype(jnp.float32), to_ours(golden.trace["vae_decode_output"]))
     print(f"bf16 vs fp32 reference: rel err encode {err_enc:.2e}, decode {err_dec:.2e}")
+    # bf16 rounding alone: measured 1.5e-2 (encode), 9.8e-3 (decode). This bounds gross bf16 breakage only:
+    # GroupNorm statistics reduced in bf16 give 1.8e-2 / 1.1e-2, not separable at this size; semantics are
+    # pinned in fp32 above.
     assert err_enc <= 0.03 and err_dec <= 0.03
 
 

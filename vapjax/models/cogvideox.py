@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vapjax.numerics import torch_linspace
+
 Array = jax.Array
 
 # Fields of the official config.json that select features the shipped VAP/CogVideoX-1.0 models do
@@ -134,17 +136,6 @@ def timestep_features(t: Array, dim: int, flip_sin_to_cos: bool, freq_shift: flo
     return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
-def _linspace32(start: float, stop: float, n: int) -> np.ndarray:
-    """torch.linspace in float32: the first half steps up from `start`, the second half down from `stop`."""
-    if n == 1:
-        return np.array([start], np.float32)
-    step = np.float32((stop - start) / (n - 1))
-    i = np.arange(n)
-    lo = np.float32(start) + step * i.astype(np.float32)
-    hi = np.float32(stop) - step * (n - 1 - i).astype(np.float32)
-    return np.where(i < n // 2, lo, hi).astype(np.float32)
-
-
 def crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Where a (grid_h, grid_w) patch grid sits after an aspect-preserving resize into the base grid
     of the config's sample size (CPIPE:70-85). Positions of other sizes are interpolated into it."""
@@ -165,12 +156,12 @@ def rope_positions(cfg: CogVideoXConfig, frames: int, grid_h: int, grid_w: int,
     Spatial positions are the same for both streams."""
     base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
     (top, left), (bottom, right) = crop_region(grid_h, grid_w, base_h, base_w)
-    h = _linspace32(top, bottom * (grid_h - 1) / grid_h, grid_h)
-    w = _linspace32(left, right * (grid_w - 1) / grid_w, grid_w)
+    h = torch_linspace(top, bottom * (grid_h - 1) / grid_h, grid_h)
+    w = torch_linspace(left, right * (grid_w - 1) / grid_w, grid_w)
     if num_refs:
-        t = _linspace32(-num_refs * frames, -1, num_refs * frames)
+        t = torch_linspace(-num_refs * frames, -1, num_refs * frames)
     else:
-        t = _linspace32(0, frames * (frames - 1) / frames, frames)
+        t = torch_linspace(0, frames * (frames - 1) / frames, frames)
     return t, h, w
 
 
