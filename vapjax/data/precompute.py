@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from vapjax import video
+from vapjax import checkpoint, video
 from vapjax.data.loader import EMPTY_TEXT, open_builder
 from vapjax.models import cogvideox_vae, t5
 from vapjax.tokenizer import T5Tokenizer
@@ -55,10 +55,8 @@ class Encoders:
     def load(cls, pipeline: str, *, dtype: str | None = None, tiling: bool = False,
              max_length: int = MAX_LENGTH) -> "Encoders":
         """From a converted pipeline folder (vae/, text_encoder/, tokenizer/); `dtype` casts both models."""
-        from convert.cogvideox_vae import load_vae  # noqa: PLC0415
-        from convert.t5 import load_t5  # noqa: PLC0415
-        vcfg, vparams = load_vae(os.path.join(pipeline, "vae"), dtype=dtype)
-        tcfg, tparams = load_t5(os.path.join(pipeline, "text_encoder"), dtype=dtype)
+        vcfg, vparams = checkpoint.load(os.path.join(pipeline, "vae"), "cogvideox_vae", dtype=dtype)
+        tcfg, tparams = checkpoint.load(os.path.join(pipeline, "text_encoder"), "t5_encoder", dtype=dtype)
         tokenizer = T5Tokenizer.from_folder(os.path.join(pipeline, "tokenizer"))
         return cls(vcfg, vparams, tcfg, tparams, tokenizer, max_length=max_length,
                    tiling=cogvideox_vae.Tiling.default(vcfg) if tiling else None)

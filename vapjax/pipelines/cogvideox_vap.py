@@ -93,18 +93,10 @@ class CogVideoXVAP:
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets weights and compute of all
         models (default: as stored); `attention` picks the dot_product_attention implementation."""
         _require_pipeline_folder(path)
-        from convert.cogvideox import load_transformer  # noqa: PLC0415
-        from convert.cogvideox_vae import load_vae  # noqa: PLC0415
-        from convert.t5 import load_t5  # noqa: PLC0415
-        tcfg, tparams = load_transformer(os.path.join(path, "transformer"))
-        if dtype is not None:
-            tparams = jax.tree.map(lambda a: a.astype(dtype), tparams)
-            tcfg = tcfg.with_options(dtype=dtype, param_dtype=dtype)
-        tcfg = tcfg.with_options(attention=attention)
-        vcfg, vparams = load_vae(os.path.join(path, "vae"), dtype=dtype)
-        if dtype is not None:
-            vcfg = dataclasses.replace(vcfg, dtype=dtype)
-        ecfg, eparams = load_t5(os.path.join(path, "text_encoder"), dtype=dtype)
+        load = lambda name, kind, **options: checkpoint.load(os.path.join(path, name), kind, dtype=dtype, **options)
+        tcfg, tparams = load("transformer", "cogvideox_transformer", attention=attention)
+        vcfg, vparams = load("vae", "cogvideox_vae")
+        ecfg, eparams = load("text_encoder", "t5_encoder")
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = sampling.DDIMSchedule.from_config(json.load(f))
         return cls(Component(tcfg, tparams), Component(vcfg, vparams), Component(ecfg, eparams),
