@@ -10,7 +10,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from convert.core import Path, Rule, assemble, check, conv_kernel, storage_dtype
 from convert.errors import ConversionError

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from configs import cog_vap_tiny
-from conftest import ROOT, rel_err
+from conftest import ROOT
 from vapjax import checkpoint, families, sharding
 from vapjax.models import cogvideox, cogvideox_vae, t5
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
