@@ -25,17 +25,15 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from convert.core import LINEAR, Rule, assemble, check, conv_as_linear
+from convert.core import LINEAR, Rule, assemble, check, conv_as_linear, storage_dtype
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
 from vapjax import checkpoint
 from vapjax.models.clip import CLIPVisionConfig, CLIPVisionEncoder
 from vapjax.tree import flatten as flatten_tree
 
-KIND = "clip_vision"
 ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 VISION = "vision_model."
 POSITION_IDS = "embeddings.position_ids"
@@ -112,21 +110,9 @@ def convert_clip(src_dir: str, dst_dir: str, dtype=None) -> CLIPVisionConfig:
     _consume_position_ids(src, shapes, cfg, prefix + POSITION_IDS, src_dir)
     plan, targets = rules(cfg, prefix), target_shapes(cfg)
     check(shapes, plan, targets, what=src_dir)
-    if dtype is None:
-        bf16 = {src.dtype(k) for k in shapes} == {np.dtype(ml_dtypes.bfloat16)}
-        dtype = ml_dtypes.bfloat16 if bf16 else np.float32
-    dtype = jnp.dtype(dtype)
-    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    dtype = storage_dtype(map(src.dtype, src.keys()), dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(src.load, plan, targets, dtype=dtype)
-    checkpoint.save(dst_dir, params, KIND, cfg.to_dict())
+    checkpoint.save(dst_dir, params, cfg)
     return cfg
 
-
-def load_clip(path: str, dtype=None) -> tuple[CLIPVisionConfig, dict]:
-    """(config, params) of a converted checkpoint, for `CLIPVisionEncoder(config)` or
-    `vapjax.models.clip.image_embeds`; `dtype` (e.g. "bfloat16") casts the parameters and sets the compute dtype."""
-    params, config = checkpoint.load(path, KIND, dtype=dtype)
-    cfg = CLIPVisionConfig.from_dict(config)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-    return cfg, params

@@ -10,16 +10,14 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from convert.core import Path, Rule, assemble, check, conv_as_linear, conv_kernel, flatten_leading
+from convert.core import Path, Rule, assemble, check, conv_as_linear, conv_kernel, flatten_leading, storage_dtype
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
 from vapjax import checkpoint
 from vapjax.models.wan_vae import VAEConfig, init_params
 from vapjax.tree import flatten as flatten_tree
 
-KIND = "wan_vae"
 
 
 def _conv(src: str, dst: Path, spatial_dims: int = 3) -> list[Rule]:
@@ -116,21 +114,12 @@ def convert_vae(src_dir: str, dst_dir: str, dtype: Any = None) -> VAEConfig:
     """Convert a diffusers Wan VAE folder (config.json + safetensors) into a vapjax checkpoint at `dst_dir`.
     `dtype` (e.g. "bfloat16") stores the parameters in that dtype and records it as `param_dtype`."""
     cfg = read_diffusers_config(src_dir)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
     source = TensorSource.open(src_dir)
     plan, shapes = rules(cfg), target_shapes(cfg)
     check(source.shapes(), plan, shapes, what=f"Wan VAE {src_dir}")
-    params = assemble(source.load, plan, shapes, dtype=jnp.dtype(cfg.param_dtype))
-    checkpoint.save(dst_dir, params, KIND, cfg.to_dict())
+    dtype = storage_dtype(map(source.dtype, source.keys()), dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
+    params = assemble(source.load, plan, shapes, dtype=dtype)
+    checkpoint.save(dst_dir, params, cfg)
     return cfg
 
-
-def load_vae(path: str, dtype: Any = None) -> tuple[VAEConfig, Any]:
-    """(config, params) of a converted Wan VAE. `dtype` casts the parameters and makes it both the compute and
-    the parameter dtype of the returned config, like torch's `vae.to(dtype)`."""
-    params, config = checkpoint.load(path, KIND, dtype=dtype)
-    cfg = VAEConfig.from_dict(config)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-    return cfg, params

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, golden_dir, rel_err
 from convert.__main__ import convert_folder
-from convert.clip import POSITION_IDS, VISION, convert_clip, key_prefix, load_clip, rules, target_shapes
+from vapjax import checkpoint
+from convert.clip import POSITION_IDS, VISION, convert_clip, key_prefix, rules, target_shapes
 from convert.core import check
 from convert.errors import ConversionError
 from vapjax.clip_preprocess import CLIPPreprocessConfig, preprocess
@@ -276,3 +277,7 @@ def test_golden_image_embeds(tmp_path):
         err = rel_err(image_embeds(cfg, params, pixels), trace[f"clip_penultimate.{name}"])
         print(f"golden clip_penultimate.{name}: pixels bit-exact, embeds fp32 rel err {err:.2e}")
         assert err <= 1e-5, name
+
+
+def load_clip(path, dtype=None):
+    return checkpoint.load(path, "clip_vision", dtype=dtype)

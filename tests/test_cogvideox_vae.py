@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert.cogvideox_vae import convert_vae, load_vae, rules, target_shapes
+from convert.cogvideox_vae import convert_vae, rules, target_shapes
 from convert.core import check
 from convert.errors import ConversionError
 from tests.conftest import golden_dir, rel_err
+from vapjax import checkpoint
 from vapjax.models.cogvideox_vae import AutoencoderKLCogVideoX, Posterior, Tiling, VAEConfig
 
 import diffusers  # noqa: E402 (test-only references)
@@ -69,7 +70,7 @@ def tiny(tmp_path_factory):
     ref.save_pretrained(src)
     dst = tmp_path_factory.mktemp("tiny_vae_vapjax")
     convert_vae(str(src), str(dst))
-    cfg, params = load_vae(str(dst))
+    cfg, params = checkpoint.load(str(dst), "cogvideox_vae")
     return ref, src, cfg, params
 
 
@@ -172,7 +173,7 @@ def golden(tmp_path_factory):
     assert (case / "trace.safetensors").exists(), f"no golden case at {case} (set VAPJAX_GOLDEN_DIR)"
     dst = tmp_path_factory.mktemp("golden_vae")
     convert_vae(str(case / "vae"), str(dst))
-    cfg, params = load_vae(str(dst))
+    cfg, params = checkpoint.load(str(dst), "cogvideox_vae")
     with open(case / "case.json") as f:
         frame_indices = json.load(f)["frame_indices"]
     return SimpleNamespace(cfg=cfg, params=params, converted=dst, frame_indices=frame_indices,
@@ -205,7 +206,7 @@ def test_golden_decode(golden):
 
 def test_bf16_close_to_fp32(golden):
     # bf16 compute and parameters against the fp32 reference outputs (GroupNorm statistics stay fp32).
-    cfg16, params16 = load_vae(str(golden.converted), dtype="bfloat16")
+    cfg16, params16 = checkpoint.load(str(golden.converted), "cogvideox_vae", dtype="bfloat16")
     assert cfg16.dtype == cfg16.param_dtype == "bfloat16"
     assert {a.dtype for a in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
     video = golden.inputs["ref_videos"][:, golden.frame_indices].astype(np.float32) / 255 * 2 - 1

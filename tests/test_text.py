@@ -12,7 +12,8 @@ import regex
 from safetensors.numpy import load_file
 
 from conftest import golden_dir, rel_err
-from convert.t5 import convert_t5, load_t5
+from convert.t5 import convert_t5
+from vapjax import checkpoint
 from vapjax.text import _WHITESPACE, encode_umt5, prompt_clean, tokenize_umt5
 from vapjax.tokenizer import T5Tokenizer
 
@@ -87,7 +88,7 @@ def test_tokenizer_matches_transformers(tokenizers, length):
 def golden_encoder(tmp_path_factory):
     out = tmp_path_factory.mktemp("umt5")
     convert_t5(str(GOLDEN / "text_encoder"), str(out))
-    return load_t5(str(out))
+    return checkpoint.load(str(out), "t5_encoder")
 
 
 def test_matches_official_prompt_embeds(tokenizers, golden_encoder):

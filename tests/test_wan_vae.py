@@ -18,8 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from convert.core import check
 from convert.errors import ConversionError
-from convert.wan_vae import convert_vae, load_vae, rules, target_shapes
-from tests.conftest import golden_dir, rel_err
+from vapjax import checkpoint
+from convert.wan_vae import convert_vae, rules, target_shapes
+from conftest import golden_dir, rel_err
 from vapjax.models.wan_vae import AutoencoderKLWan, Posterior, Tiling, VAEConfig
 
 import diffusers  # noqa: E402 (test-only references)
@@ -279,3 +280,7 @@ def test_converter_rejects_other_configs(tmp_path):
     with pytest.raises(ConversionError, match="is_residual") as e:
         convert_vae(str(tmp_path), str(tmp_path / "out"))
     assert "\n" not in str(e.value)
+
+
+def load_vae(path, dtype=None):
+    return checkpoint.load(path, "wan_vae", dtype=dtype)

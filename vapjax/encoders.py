@@ -7,7 +7,6 @@ CogVideoX does: padded to L tokens, no attention mask, pads kept.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vapjax import video
+from vapjax import checkpoint, video
 from vapjax.models import cogvideox_vae, t5
 from vapjax.tokenizer import T5Tokenizer
 
@@ -47,12 +46,8 @@ class Encoders:
              devices: Sequence[jax.Device] | None = None) -> "Encoders":
         """From a converted pipeline folder (vae/, text_encoder/, tokenizer/); `dtype` sets both models'
         weights and compute (default: as stored)."""
-        from convert.cogvideox_vae import load_vae  # noqa: PLC0415 (the loaders live with the converters)
-        from convert.t5 import load_t5  # noqa: PLC0415
-        vcfg, vparams = load_vae(os.path.join(pipeline, "vae"), dtype=dtype)
-        if dtype is not None:
-            vcfg = dataclasses.replace(vcfg, dtype=dtype)
-        tcfg, tparams = load_t5(os.path.join(pipeline, "text_encoder"), dtype=dtype)
+        vcfg, vparams = checkpoint.load(os.path.join(pipeline, "vae"), "cogvideox_vae", dtype=dtype)
+        tcfg, tparams = checkpoint.load(os.path.join(pipeline, "text_encoder"), "t5_encoder", dtype=dtype)
         tokenizer = T5Tokenizer.from_folder(os.path.join(pipeline, "tokenizer"))
         return cls(vcfg, vparams, tcfg, tparams, tokenizer, max_length=max_length, devices=devices,
                    tiling=cogvideox_vae.Tiling.default(vcfg) if tiling else None)

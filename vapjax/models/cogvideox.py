@@ -25,8 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vapjax.numerics import torch_linspace
+from vapjax.sharding import constrain
 
 Array = jax.Array
+# Logical axes of the activations (vocabulary: vapjax.sharding.RULES); constraints are no-ops unless a
+# sharding context is active, and make splitting heads (tensor) or the joint sequence expressible.
+TOKENS = ("activation_batch", "activation_length", "activation_embed")                         # [B, S, D]
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")   # [B, S, N, Dh]
 
 # Fields of the official config.json that select features the shipped VAP/CogVideoX-1.0 models do
 # not use; we refuse them rather than silently compute something else.
@@ -113,6 +118,10 @@ class CogVideoXConfig:
         return cls(**d)
 
     def __post_init__(self):
+        # Expert slots are filled in layer order (the scan runs and the converter assume ascending).
+        object.__setattr__(self, "expert_layers", tuple(sorted(int(i) for i in self.expert_layers)))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
         bad = [i for i in self.expert_layers if not 0 <= i < self.num_layers]
         if bad or len(set(self.expert_layers)) != len(self.expert_layers):
             raise ValueError(f"expert_layers {self.expert_layers} must be distinct layers in [0, {self.num_layers})")
@@ -287,7 +296,8 @@ class FeedForward(nn.Module):
 
 def attention(q: Array, k: Array, v: Array, implementation: str | None) -> Array:
     """Full bidirectional softmax attention, [B, S, N, D], scale 1/√D."""
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    q, k, v = (constrain(a, HEADS) for a in (q, k, v))
+    return constrain(jax.nn.dot_product_attention(q, k, v, implementation=implementation), HEADS)
 
 
 class Block(nn.Module):
@@ -305,9 +315,10 @@ class Block(nn.Module):
         video_m, text_m, gate, t_gate = self.norm1(video, text, emb)
         q, k, v = self.attn.qkv(jnp.concatenate([text_m, video_m], axis=1))
         if rope is not None:  # video tokens only; text tokens get no rotation
+            # (concatenate, not `.at[:, s:].set`: XLA:CPU miscompiles the latter when heads are sharded)
             s = text.shape[1]
-            q = q.at[:, s:].set(apply_rope(q[:, s:], *rope))
-            k = k.at[:, s:].set(apply_rope(k[:, s:], *rope))
+            q = jnp.concatenate([q[:, :s], apply_rope(q[:, s:], *rope)], axis=1)
+            k = jnp.concatenate([k[:, :s], apply_rope(k[:, s:], *rope)], axis=1)
         return (q, k, v), (gate, t_gate)
 
     def finish(self, video: Array, text: Array, o: Array, gates, emb: Array):
@@ -484,6 +495,7 @@ class CogVideoXTransformer(nn.Module):
                 state, _ = jax.lax.scan(self._remat(body), state, (bb, ex))
             else:
                 def body(s, pb):  # the reference stream, if any, passes through unchanged
+                    s = tuple(constrain(x, TOKENS) for x in s)
                     return Block(c, parent=None).apply({"params": pb}, s[0], s[1], emb, rope) + s[2:], None
                 state, _ = jax.lax.scan(self._remat(body), state, bb)
 
@@ -530,7 +542,7 @@ def _joint_layer(cfg: CogVideoXConfig, p_backbone, p_expert, state, emb, emb_ref
     """An expert layer: each stream modulates and projects with its own weights, then one joint
     attention over [tgt_text, tgt_video, ref_text, ref_video], then each stream's own out-projection,
     residuals and FFN. The only interaction between the streams is this attention."""
-    video, text, ref_video, ref_text = state
+    video, text, ref_video, ref_text = (constrain(s, TOKENS) for s in state)
     block = Block(cfg, parent=None)  # applied functionally to sliced stacked params
     (q, k, v), gates = block.apply({"params": p_backbone}, video, text, emb, rope, method=Block.qkv)
     (qr, kr, vr), gates_r = block.apply({"params": p_expert}, ref_video, ref_text, emb_ref, rope_ref,

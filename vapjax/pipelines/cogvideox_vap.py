@@ -91,12 +91,8 @@ class CogVideoXVAP:
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets weights and compute of all
         models (default: as stored); `attention` picks the dot_product_attention implementation."""
         _require_pipeline_folder(path)
-        from convert.cogvideox import load_transformer  # noqa: PLC0415
-        tcfg, tparams = load_transformer(os.path.join(path, "transformer"))
-        if dtype is not None:
-            tparams = jax.tree.map(lambda a: a.astype(dtype), tparams)
-            tcfg = tcfg.with_options(dtype=dtype, param_dtype=dtype)
-        tcfg = tcfg.with_options(attention=attention)
+        tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "cogvideox_transformer", dtype=dtype,
+                                        attention=attention)
         encoders = Encoders.load(path, dtype=dtype, tiling=tiling, devices=jax.local_devices()[:1])
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = sampling.DDIMSchedule.from_config(json.load(f))
