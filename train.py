@@ -6,7 +6,8 @@
 
 Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a cluster
 manager JAX detects, e.g. SLURM) and start the same command on every host. Re-running the same command
-resumes from the newest complete checkpoint in the workdir.
+resumes from the newest readable checkpoint in the workdir; one written for another model (config,
+expert layers, shapes, dtypes) stops the run with a one-line error naming the difference.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/cog_vap_train.py",
                                           lock_config=False)
+
+
+# Model run options a resumed run may change (they do not change the parameters or the math).
+RESUMABLE_OPTIONS = ("attention", "remat")
 
 
 class TrainingError(RuntimeError):
@@ -137,6 +142,15 @@ def setup(c):
     return cfg, mesh, state, frozen, step_fn
 
 
+def checkpoints(c, model_cfg):
+    """The run's training checkpoints in <workdir>/checkpoints; a resume must match the model config
+    (all but RESUMABLE_OPTIONS) and the state tree."""
+    from vapjax import training  # noqa: PLC0415
+    model = {k: v for k, v in model_cfg.to_dict().items() if k not in RESUMABLE_OPTIONS}
+    return training.TrainCheckpoints(os.path.join(c.workdir, "checkpoints"), every=c.checkpoint_every, keep=c.keep,
+                                     model=model, async_save=c.async_checkpoint)
+
+
 def train(c):
     """Run (or resume) training; returns (this run's per-step metrics, final state, frozen params).
     Process 0 also appends the metrics to <workdir>/metrics.jsonl and TensorBoard events to <workdir>/tb."""
@@ -149,9 +163,13 @@ def train(c):
     main = jax.process_index() == 0
     cfg, mesh, state, frozen, step_fn = setup(c)
     data, empty_text = make_data(c, cfg)
-    ckpt = training.Checkpoints(os.path.join(c.workdir, "checkpoints"), every=c.checkpoint_every, keep=c.keep,
-                                async_save=c.async_checkpoint)
-    restored = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+    ckpt = checkpoints(c, cfg)
+    try:
+        restored = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                             state))
+    except training.CheckpointError:
+        ckpt.close()
+        raise
     if restored:
         step0, state, data_state = restored
         data.set_state(data_state)

@@ -1,5 +1,6 @@
 """Training: the objective against PyTorch, the frozen backbone, convergence, SPMD equivalence
 (8 simulated devices, 2 processes), and kill/resume."""
+import dataclasses
 import json
 import os
 import signal
@@ -10,9 +11,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
+import pytest
 import torch
-from diffusers import CogVideoXDDIMScheduler
+from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from conftest import ROOT, rel_err
 from configs import cog_vap_train, cog_vap_train_tiny
@@ -21,17 +24,55 @@ from test_cogvideox import stock_model
 from vapjax import training
 from vapjax import tree as vtree
 from vapjax.models import cogvideox
+from vapjax.models.cogvideox_vae import Posterior
 from vapjax.sampling import DDIMSchedule
 
 SCHEDULER = cog_vap_train.COGVIDEOX_SCHEDULER
 
 
-def test_timestep_draw_matches_official_quirk():
-    """⌊float32((T−1−idx)/T)·T⌋: uniform over 0..999 except five values shifted down by one."""
-    t = np.asarray(training.cogvideox_timesteps(jax.random.PRNGKey(0), 200_000))
-    assert t.min() == 0 and t.max() == 999
-    direct = np.floor(((999 - np.arange(1000)).astype(np.float32) / np.float32(1000)) * np.float32(1000))
-    assert sorted(set(np.arange(1000)) - set(direct.astype(int))) == [251, 253, 502, 506, 511]
+def official_ddim_timesteps() -> np.ndarray:
+    """t per index as the official trainer computes it, in torch with the stock scheduler
+    (UDIFF:86-121, CSPEC:602): σ = scheduler.timesteps.float() / 1000, t = (σ · 1000).long()."""
+    sched = CogVideoXDDIMScheduler.from_config(SCHEDULER)
+    return ((sched.timesteps.clone().float() / float(sched.config.num_train_timesteps)) * 1000.0).long().numpy()
+
+
+def official_flow_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(σ, t) per index as the official Wan trainer computes them: FlowMatchEulerDiscreteScheduler().sigmas
+    and (σ · 1000).long() (UDIFF:107-117, WSPEC)."""
+    sigma = FlowMatchEulerDiscreteScheduler().sigmas.clone()
+    return sigma.numpy(), (sigma * 1000.0).long().numpy()
+
+
+def test_timestep_draw_is_the_official_set():
+    """Our drawn t over many draws is exactly the official set: 0..999 without 511, 506, 502, 253 and 251
+    (float32 round trip, spec §7.3, §8.15) — computed on device this gives all of 0..999."""
+    official = official_ddim_timesteps()
+    np.testing.assert_array_equal(training.ddim_timestep_table(), official)
+    t = np.asarray(jax.jit(training.cogvideox_timesteps, static_argnums=1)(jax.random.PRNGKey(0), 100_000))
+    assert set(t.tolist()) == set(official.tolist())
+    assert sorted(set(range(1000)) - set(t.tolist())) == [251, 253, 502, 506, 511]
+    counts = np.bincount(t, minlength=1000)
+    assert counts[510] > 1.5 * np.median(counts)  # 510 is drawn for idx 488 and 489
+
+
+def test_flow_draw_is_the_official_table():
+    """Wan's (σ, t): every draw is an official (σ, t) pair, bit for bit (σ = 1 -> t = 1000, σ = 0.511 ->
+    510), and over many draws the t in the well-sampled middle are exactly the official ones there."""
+    sigma_table, t_table = official_flow_tables()
+    ours = training.flow_tables()
+    np.testing.assert_array_equal(ours[0], sigma_table)
+    np.testing.assert_array_equal(ours[1], t_table)
+    assert t_table[0] == 1000 and t_table[489] == 510
+    sigma, t = jax.jit(training.flow_sigmas, static_argnums=1)(jax.random.PRNGKey(0), 200_000)
+    sigma, t = np.asarray(sigma), np.asarray(t)
+    idx = np.round((1 - sigma.astype(np.float64)) * 1000).astype(int)
+    np.testing.assert_array_equal(sigma, sigma_table[idx])
+    np.testing.assert_array_equal(t, t_table[idx])
+    middle = (t_table >= 200) & (t_table <= 800)        # each index drawn ≳ 150 times at 200k draws
+    assert set(t[(t >= 200) & (t <= 800)].tolist()) == set(t_table[middle].tolist())
+    assert 510 in t and 511 not in t_table
+    assert abs(np.median(sigma) - 0.5) < 0.01  # logit-normal around 1/2
 
 
 def test_cogvideox_objective_matches_torch(tmp_path):
@@ -63,7 +104,7 @@ def test_cogvideox_objective_matches_torch(tmp_path):
 
     # Ours (channels-last).
     cl = lambda a: jnp.asarray(a).transpose(0, 1, 3, 4, 2)
-    alphas = jnp.asarray(DDIMSchedule.from_config(SCHEDULER).alphas_cumprod, jnp.float32)
+    alphas = DDIMSchedule.from_config(SCHEDULER).alphas_cumprod
 
     def loss_fn(p):
         predict = lambda x, tt_: cogvideox.CogVideoXTransformer(cfg).apply(
@@ -90,23 +131,88 @@ def test_cogvideox_objective_matches_torch(tmp_path):
 
 
 def test_flow_matching_loss():
-    """Wan's objective on a linear 'model': x_t, target and weighting by hand."""
+    """Wan's objective on a linear 'model': x_t, target and weighting by hand; t is passed through."""
     rng = np.random.default_rng(0)
     x0, noise = rng.standard_normal((2, 3, 4)).astype(np.float32), rng.standard_normal((2, 3, 4)).astype(np.float32)
-    sigma = np.array([0.25, 0.9], np.float32)
+    sigma, t = np.array([0.25, 0.9], np.float32), np.array([250, 900])
     seen = {}
 
     def predict(x_t, t):
         seen["t"] = t
         return 2.0 * x_t
 
-    loss = training.flow_matching_loss(predict, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(sigma))
+    loss = training.flow_matching_loss(predict, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(sigma),
+                                       jnp.asarray(t))
     s = sigma.reshape(-1, 1, 1)
     want = np.mean((2 * ((1 - s) * x0 + s * noise) - (noise - x0)) ** 2)
     assert abs(float(loss) - want) < 1e-5 * want
-    np.testing.assert_array_equal(seen["t"], [250, 900])
-    sig = np.asarray(training.flow_sigmas(jax.random.PRNGKey(0), 10_000))
-    assert 0 < sig.min() and sig.max() <= 1 and abs(np.median(sig) - 0.5) < 0.02  # logit-normal around 1/2
+    np.testing.assert_array_equal(seen["t"], t)
+
+
+def _dist_batch(rng, b=6, n=2, f=3, h=4, w=6, c=4, s=5, d=8, logvar=-100.0):
+    """A precomputed batch (mean ‖ logvar); logvar −100 is clipped to −30: draws equal the mean to ~3e-7."""
+    dist = lambda *shape: np.concatenate([rng.standard_normal(shape + (c,)).astype(np.float32),
+                                          np.full(shape + (c,), logvar, np.float32)], -1)
+    return {"latent_dist": dist(b, f, h, w), "image_dist": dist(b, 1, h, w),
+            "text": rng.standard_normal((b, s, d)).astype(np.float32),
+            "ref_latent_dist": dist(b, n, f, h, w), "ref_image_dist": dist(b, n, 1, h, w),
+            "ref_text": rng.standard_normal((b, n, s, d)).astype(np.float32)}
+
+
+# One compilation for every call below (same shapes; scaling factor and dropout rate traced).
+_inputs = jax.jit(training.cogvideox_inputs, static_argnums=5)
+
+
+def test_cogvideox_inputs_layout():
+    """x0 and every conditioning input from a precomputed batch: × scaling factor, first-frame conditions
+    zero-padded to the clip, each reference's [latents | first frame] on channels, references on frames,
+    reference captions on the sequence axis in the same order (spec §4.1, §4.3)."""
+    rng = np.random.default_rng(0)
+    batch = _dist_batch(rng)
+    mean = {k: v[..., :4] for k, v in batch.items() if k.endswith("_dist")}
+    x = _inputs(batch, jax.random.PRNGKey(1), 0.7, np.zeros((5, 8), np.float32), 0.0, jnp.float32)
+    assert set(x) == {"x0", "image", "ref_latents", "text", "ref_text"}
+    close = lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)  # posterior std 3e-7
+    close(x["x0"], 0.7 * mean["latent_dist"])
+    assert x["image"].shape == (6, 3, 4, 6, 4)
+    close(x["image"][:, :1], 0.7 * mean["image_dist"])
+    assert not np.any(np.asarray(x["image"][:, 1:]))                     # exact zeros, not tiny draws
+    assert x["ref_latents"].shape == (6, 2 * 3, 4, 6, 8)
+    for r in range(2):
+        frames = x["ref_latents"][:, 3 * r:3 * (r + 1)]
+        close(frames[..., :4], 0.7 * mean["ref_latent_dist"][:, r])
+        close(frames[:, :1, ..., 4:], 0.7 * mean["ref_image_dist"][:, r])
+        assert not np.any(np.asarray(frames[:, 1:, ..., 4:]))
+        np.testing.assert_array_equal(x["ref_text"][:, 5 * r:5 * (r + 1)], batch["ref_text"][:, r])
+    np.testing.assert_array_equal(x["text"], batch["text"])
+
+    # Posterior draws (Posterior.from_concat): std exp(logvar / 2), logvar clipped to [−30, 20].
+    batch = _dist_batch(rng, logvar=np.log(0.25))
+    x0 = np.asarray(_inputs(batch, jax.random.PRNGKey(2), 1.0, np.zeros((5, 8), np.float32), 0.0, jnp.float32)["x0"])
+    assert abs(np.std(x0 - batch["latent_dist"][..., :4]) - 0.5) < 0.04   # 1728 draws: ±0.01 (1 sd)
+    p = Posterior.from_concat(jnp.concatenate([jnp.zeros(3), jnp.array([-99.0, 0.0, 99.0])]))
+    np.testing.assert_array_equal(p.logvar, [-30.0, 0.0, 20.0])
+
+
+def test_caption_dropout_blanks_a_sample_together():
+    """Caption dropout replaces the target caption and every reference caption of the same sample by
+    the empty-caption embedding together, and touches nothing else (spec §7.5)."""
+    rng = np.random.default_rng(0)
+    batch = _dist_batch(rng)
+    empty = rng.standard_normal((5, 8)).astype(np.float32)
+    x = _inputs(batch, jax.random.PRNGKey(3), 0.7, empty, 0.5, jnp.float32)
+    text, ref_text = np.asarray(x["text"]), np.asarray(x["ref_text"]).reshape(6, 2, 5, 8)
+    dropped = np.array([np.array_equal(text[i], empty) for i in range(6)])
+    assert 0 < dropped.sum() < 6, dropped
+    for i in range(6):
+        for r in range(2):
+            np.testing.assert_array_equal(ref_text[i, r], empty if dropped[i] else batch["ref_text"][i, r])
+        if not dropped[i]:
+            np.testing.assert_array_equal(text[i], batch["text"][i])
+    kept = _inputs(batch, jax.random.PRNGKey(3), 0.7, empty, 0.0, jnp.float32)
+    for k in ("x0", "image", "ref_latents"):   # the latents do not depend on the dropout
+        np.testing.assert_array_equal(x[k], kept[k])
+    assert not any(np.array_equal(t, empty) for t in np.asarray(kept["text"]))
 
 
 def tiny_config(workdir, **overrides):
@@ -185,7 +291,8 @@ def test_eight_devices_match_one(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
-    """Two processes on localhost (jax.distributed, CPU collectives) train like one process."""
+    """Two processes on localhost (jax.distributed, CPU collectives) form one run (process_count 2, each
+    loading its own half of every batch) and train like one process."""
     import socket  # noqa: PLC0415
     common = dict(steps=3, batch_size=4, async_checkpoint=False)
     _run_dump(tmp_path / "one", tmp_path / "one.npz", **common)
@@ -202,6 +309,96 @@ def test_two_processes_match_one(tmp_path):
     loss_err, param_err = _compare(tmp_path / "one.npz", tmp_path / "two.npz")
     print(f"2 processes vs 1: loss rel. diff {loss_err:.1e}, worst parameter rel. diff {param_err:.1e}")
     assert loss_err < 1e-5 and param_err < 1e-5
+    # One joint run, not two independent ones: each worker saw process_count 2 (it also asserts so) and
+    # loaded only its half of every global batch (each worker checks the halves against each other).
+    seen = [json.load(open(f"{tmp_path / 'two.npz'}.p{i}.json")) for i in range(2)]
+    assert [s["process_count"] for s in seen] == [2, 2] and [s["process_index"] for s in seen] == [0, 1]
+    single = json.load(open(f"{tmp_path / 'one.npz'}.p0.json"))["indices"]
+    for step in range(3):
+        a, b = set(seen[0]["indices"][step]), set(seen[1]["indices"][step])
+        assert len(a) == len(b) == 2 and not a & b and a | b == set(single[step]), (step, a, b, single[step])
+
+
+MODEL = {"num_layers": 3, "expert_layers": [0, 1]}
+
+
+def _tiny_state(dtype=jnp.float32, layers=2, extra=False):
+    params = {"expert": {"w": jnp.ones((layers, 3), dtype), "b": jnp.zeros(3, dtype)}}
+    if extra:
+        params["backbone"] = {"head": jnp.zeros(3, dtype)}
+    return training.init_state(params, optax.adam(1e-3))
+
+
+def _abstract(state):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+
+
+def _checkpoints(directory, model=MODEL):
+    return training.TrainCheckpoints(str(directory), every=1, keep=5, model=model, async_save=False)
+
+
+def _save_steps(directory, steps=(1, 2, 3)):
+    ck = _checkpoints(directory)
+    for s in steps:
+        state = _tiny_state()
+        ck.save(s, dataclasses.replace(state, step=jnp.asarray(s, jnp.int32)), {"step": s}, {"run": "test"})
+    ck.wait()
+    ck.close()
+
+
+def _corrupt(step_dir, item="state"):
+    for f in (step_dir / item).rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"corrupt")
+
+
+def test_checkpoint_corrupt_falls_back_unreadable_all_is_an_error(tmp_path, caplog):
+    """A corrupt newest step (array files or its signature) is skipped for the one before; a workdir whose
+    steps are all unreadable is an error, never a silent restart from step 0."""
+    _save_steps(tmp_path)
+    _corrupt(tmp_path / "3")
+    _corrupt(tmp_path / "2", "signature")
+    step, state, data = _checkpoints(tmp_path).restore(_abstract(_tiny_state()))
+    assert step == 1 and int(state.step) == 1 and data == {"step": 1}
+    assert caplog.text.count("unreadable") == 2, caplog.text
+    _corrupt(tmp_path / "1")
+    with pytest.raises(training.CheckpointError) as e:
+        _checkpoints(tmp_path).restore(_abstract(_tiny_state()))
+    assert "no readable checkpoint among steps [3, 2, 1]" in str(e.value) and "\n" not in str(e.value)
+    assert _checkpoints(tmp_path / "empty").restore(_abstract(_tiny_state())) is None   # a fresh workdir
+
+
+@pytest.mark.parametrize("model, state, complaint", [
+    ({**MODEL, "expert_layers": [0, 2]}, {},
+     "model config field expert_layers is [0, 1] in the checkpoint, [0, 2] in this run"),
+    (MODEL, dict(dtype=jnp.bfloat16), "params/expert/b is float32[3] in the checkpoint, bfloat16[3] in this run (and"),
+    (MODEL, dict(layers=3), "params/expert/w is float32[2, 3] in the checkpoint, float32[3, 3] in this run (and"),
+    (MODEL, dict(extra=True), "params/backbone/head is not in the checkpoint (and"),
+    ({**MODEL, "head_dim": 16}, {}, "model config field head_dim is not in the checkpoint"),
+], ids=["expert_layers", "dtype", "shape", "extra_parameter", "config_field"])
+def test_incompatible_checkpoint_is_a_one_line_error(tmp_path, model, state, complaint):
+    """A readable checkpoint of another model (config, expert layers, shapes, dtypes) stops the resume with
+    one line naming the difference — before any array is read, never falling back to an older step."""
+    _save_steps(tmp_path)
+    with pytest.raises(training.CheckpointError) as e:
+        _checkpoints(tmp_path, model).restore(_abstract(_tiny_state(**state)))
+    msg = str(e.value)
+    assert "checkpoint step 3" in msg and complaint in msg and "\n" not in msg, msg
+
+
+def test_train_refuses_a_checkpoint_of_other_expert_layers(tmp_path):
+    """train.py compares the model config: experts on layers (0, 2) instead of (0, 1) have the same
+    stacked shapes, yet resuming from such a checkpoint is an error naming expert_layers."""
+    from train import checkpoints, setup, train  # noqa: PLC0415
+    c = tiny_config(tmp_path, steps=2)
+    cfg, _, state, _, _ = setup(c)
+    ck = checkpoints(c, cfg)
+    ck.save(1, state, {"step": 1, "seed": c.data.seed}, {}, force=True)
+    ck.wait()
+    ck.close()
+    c.model.expert_layers = (0, 2)
+    with pytest.raises(training.CheckpointError, match=r"expert_layers is \[0, 1\] in the checkpoint, \[0, 2\]"):
+        train(c)
 
 
 def _train_cli(workdir, *overrides):

@@ -11,6 +11,8 @@ v-prediction DDIM objective and Wan's flow matching.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import os
 import re
@@ -22,7 +24,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from vapjax import conditioning
 from vapjax import tree as vtree
+from vapjax.models.cogvideox_vae import Posterior
 
 Array = jax.Array
 
@@ -50,77 +54,98 @@ def split_params(params: Mapping, unfreeze: str = "") -> tuple[dict, dict]:
 # Objectives
 # ---------------------------------------------------------------------------------------------
 
-def posterior_sample(dist: Array, rng: Array) -> Array:
-    """A VAE posterior draw from [..., 2C] = mean ‖ logvar (logvar clipped to [−30, 20] as diffusers)."""
-    mean, logvar = jnp.split(dist.astype(jnp.float32), 2, axis=-1)
-    return mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(rng, mean.shape)
+@functools.lru_cache(maxsize=None)
+def ddim_timestep_table(num_train_timesteps: int = 1000) -> np.ndarray:
+    """t for each index of the official CogVideoX draw (UDIFF:86-121, CSPEC:602), built once on the host:
+    σ = float32(T−1−idx) / T, t = ⌊σ·T⌋, both correctly rounded float32 operations as torch does them
+    on CPU. Uniform over 0 … T−1 except that five values (511, 506, 502, 253, 251) map one lower.
+    (XLA's float32 division is not correctly rounded, so computing this on device gives another set.)"""
+    T = np.float32(num_train_timesteps)
+    sigma = np.arange(num_train_timesteps - 1, -1, -1).astype(np.float32) / T
+    return np.floor(sigma * T).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def flow_tables(num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(σ, t) for each index of Wan's draw, built once on the host: σ = float32(T − idx) / T (the flow
+    scheduler's sigmas, FMS:117-132, shift 1), t = ⌊float32(σ)·T⌋ (σ = 1 → T; σ = 0.511 → 510)."""
+    T = np.float32(num_train_timesteps)
+    sigma = np.arange(num_train_timesteps, 0, -1).astype(np.float32) / T
+    return sigma, np.floor(sigma * T).astype(np.int32)
 
 
 def cogvideox_timesteps(rng: Array, batch: int, num_train_timesteps: int = 1000) -> Array:
-    """The official draw (UDIFF:86-121): u ~ U[0,1), idx = ⌊u·T⌋, σ = timesteps[idx]/T with
-    timesteps = T−1 … 0, t = ⌊σ·T⌋ in float32 — uniform on {0 … T−1} except that the float32 round
-    trip maps five values (e.g. 511) one lower."""
-    T = num_train_timesteps
-    idx = jnp.floor(jax.random.uniform(rng, (batch,)) * T).astype(jnp.int32)
-    sigma = (T - 1 - idx).astype(jnp.float32) / jnp.float32(T)
-    return jnp.floor(sigma * jnp.float32(T)).astype(jnp.int32)
+    """The official draw: idx uniform on {0 … T−1}, t = the host table's entry (`ddim_timestep_table`)."""
+    idx = jax.random.randint(rng, (batch,), 0, num_train_timesteps)
+    return jnp.asarray(ddim_timestep_table(num_train_timesteps))[idx]
 
 
-def flow_sigmas(rng: Array, batch: int, num_train_timesteps: int = 1000) -> Array:
-    """Wan's logit-normal σ (UDIFF:49-74): u = sigmoid(N(0,1)), idx = ⌊u·T⌋, σ = (T − idx)/T."""
-    T = num_train_timesteps
+def flow_sigmas(rng: Array, batch: int, num_train_timesteps: int = 1000) -> tuple[Array, Array]:
+    """Wan's logit-normal draw (UDIFF:49-74): u = sigmoid(N(0,1)), idx = ⌊u·T⌋, then (σ, t) from the
+    host tables (`flow_tables`), so the objective sees exactly the official t for its σ."""
     u = jax.nn.sigmoid(jax.random.normal(rng, (batch,)))
-    idx = jnp.floor(u * T)
-    return (T - idx) / T
+    idx = jnp.minimum(jnp.floor(u * num_train_timesteps).astype(jnp.int32), num_train_timesteps - 1)
+    sigma, t = flow_tables(num_train_timesteps)
+    return jnp.asarray(sigma)[idx], jnp.asarray(t)[idx]
 
 
-def cogvideox_loss(predict: Callable[[Array, Array], Array], x0: Array, noise: Array, t: Array,
-                   alphas_cumprod: Array) -> Array:
-    """v-prediction DDIM objective exactly as the official trainer computes it (spec §7.3):
+def cogvideox_sample_losses(predict: Callable[[Array, Array], Array], x0: Array, noise: Array, t: Array,
+                            alphas_cumprod: np.ndarray) -> Array:
+    """Per-sample v-prediction DDIM objective [B], exactly as the official trainer computes it (spec §7.3):
     x_t = √ᾱ x0 + √(1−ᾱ) ε;  x̂0 = √ᾱ x_t − √(1−ᾱ) v̂;  loss = mean(w (x̂0 − x0)²), w = 1/(1−ᾱ).
     Algebraically this is the plain v-MSE ‖v̂ − v‖² with v = √ᾱ ε − √(1−ᾱ) x0.
-    `predict(x_t, t)` returns v̂ for the target."""
-    ab = alphas_cumprod[t].astype(x0.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
+    `predict(x_t, t)` returns v̂ for the target. `alphas_cumprod` is the schedule's host table (float64):
+    as in the scheduler, ᾱ is cast to the latents' dtype for x_t and x̂0, while w is computed in float64
+    and then rounded to float32 (UDIFF:136-139) — at t = 0, 1−ᾱ ≈ 8.5e-4 and a float32 ᾱ would move w
+    by up to 3.5e-5 relative."""
+    ab = jnp.asarray(alphas_cumprod, x0.dtype)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
     sa, sb = jnp.sqrt(ab), jnp.sqrt(1 - ab)
     x_t = sa * x0 + sb * noise
     v = predict(x_t, t).astype(jnp.float32)
     x0_hat = sa * x_t - sb * v
-    w = 1.0 / (1.0 - ab.astype(jnp.float32))
-    per_sample = jnp.mean(w * jnp.square(x0_hat - x0), axis=tuple(range(1, x0.ndim)))
-    return jnp.mean(per_sample)
+    weights = (1.0 / (1.0 - np.asarray(alphas_cumprod, np.float64))).astype(np.float32)
+    w = jnp.asarray(weights)[t].reshape(ab.shape)
+    return jnp.mean(w * jnp.square(x0_hat - x0), axis=tuple(range(1, x0.ndim)))
+
+
+def cogvideox_loss(predict: Callable[[Array, Array], Array], x0: Array, noise: Array, t: Array,
+                   alphas_cumprod: np.ndarray) -> Array:
+    """The batch mean of `cogvideox_sample_losses`."""
+    return jnp.mean(cogvideox_sample_losses(predict, x0, noise, t, alphas_cumprod))
 
 
 def flow_matching_loss(predict: Callable[[Array, Array], Array], x0: Array, noise: Array, sigma: Array,
-                       num_train_timesteps: int = 1000) -> Array:
-    """Wan's objective (spec §7.4): x_t = (1−σ) x0 + σ ε, target ε − x0, t = ⌊σ·T⌋ (float32), unit weight.
-    The reference stream's timestep (1 for Wan) is the model's business, not the objective's."""
+                       t: Array) -> Array:
+    """Wan's objective (spec §7.4): x_t = (1−σ) x0 + σ ε, target ε − x0, unit weight; σ and its t come
+    from `flow_sigmas`. The reference stream's timestep (1 for Wan) is the model's business."""
     s = sigma.astype(jnp.float32).reshape((-1,) + (1,) * (x0.ndim - 1))
     x_t = (1 - s) * x0 + s * noise
-    t = jnp.floor(sigma.astype(jnp.float32) * num_train_timesteps)
     return jnp.mean(jnp.square(predict(x_t, t).astype(jnp.float32) - (noise - x0)))
 
 
 def cogvideox_inputs(batch: Mapping[str, Array], rng: Array, scaling_factor: float, empty_text: Array,
                      caption_dropout: float, dtype) -> dict[str, Array]:
-    """Model inputs from a precomputed batch (vapjax.data): fresh posterior draws ×scaling factor,
-    first-frame conditions zero-padded to the clip length, references concatenated on frames (expert
-    input [ref latents | ref first-frame latents]) and on the caption axis, and caption dropout that
-    blanks the target caption and every reference caption of a sample together (spec §7.5)."""
+    """Model inputs from a precomputed batch (vapjax.data): fresh posterior draws × scaling factor for
+    the target (`x0`) and, through `conditioning.cogvideox` (the pipeline's input contract), the image
+    condition, the expert input and the captions. Caption dropout (spec §7.5) blanks the target caption
+    and every reference caption of a sample together."""
     k = iter(jax.random.split(rng, 5))
-    b, f = batch["latent_dist"].shape[:2]
-    n = batch["ref_latent_dist"].shape[1]
-    z = lambda d: (posterior_sample(d, next(k)) * scaling_factor).astype(dtype)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, f - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    x0 = z(batch["latent_dist"])
-    image = pad(z(batch["image_dist"]))
-    ref = z(batch["ref_latent_dist"].reshape((b * n,) + batch["ref_latent_dist"].shape[2:]))
-    ref_image = pad(z(batch["ref_image_dist"].reshape((b * n,) + batch["ref_image_dist"].shape[2:])))
-    ref_input = jnp.concatenate([ref, ref_image], -1).reshape((b, n * f) + ref.shape[2:-1] + (-1,))
-    drop = jax.random.uniform(next(k), (b, 1, 1)) < caption_dropout
-    text = jnp.where(drop, empty_text[None], batch["text"]).astype(dtype)
-    ref_text = jnp.where(drop[:, None], empty_text[None, None], batch["ref_text"]).astype(dtype)
-    return dict(x0=x0, image=image, ref_input=ref_input, text=text,
-                ref_text=ref_text.reshape(b, n * ref_text.shape[2], -1))
+    z = lambda d: (Posterior.from_concat(d.astype(jnp.float32)).sample(next(k)) * scaling_factor).astype(dtype)
+    x0, image, ref_latents, ref_first = (z(batch[key]) for key in
+                                         ("latent_dist", "image_dist", "ref_latent_dist", "ref_image_dist"))
+    drop = jax.random.uniform(next(k), (x0.shape[0],)) < caption_dropout
+    blank = lambda text: jnp.where(drop.reshape((-1,) + (1,) * (text.ndim - 1)), empty_text, text).astype(dtype)
+    cond = conditioning.cogvideox(image, ref_latents, ref_first, blank(batch["text"]), blank(batch["ref_text"]))
+    return dict(x0=x0, **cond)
+
+
+def cogvideox_predictor(model, params, cond: Mapping[str, Array]) -> Callable[[Array, Array], Array]:
+    """predict(x_t, t) -> v̂: the model on [x_t | image condition] with the references of `cond`
+    (the output of `conditioning.cogvideox`)."""
+    def predict(x_t, t):
+        latents = jnp.concatenate([x_t, cond["image"].astype(x_t.dtype)], axis=-1)
+        return model.apply({"params": params}, latents, cond["text"], t, cond["ref_latents"], cond["ref_text"])
+    return predict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,19 +202,14 @@ def cogvideox_objective(model, alphas_cumprod: np.ndarray, *, scaling_factor: fl
                         dtype) -> Callable:
     """objective(params, batch, rng, empty_text) -> loss: CogVideoX-VAP on a precomputed batch
     (fresh posterior draws, official t draw, v-prediction loss on the target only)."""
-    alphas = jnp.asarray(alphas_cumprod, jnp.float32)
+    alphas = np.asarray(alphas_cumprod, np.float64)
 
     def objective(params, batch, rng, empty_text):
         k_in, k_t, k_noise = jax.random.split(rng, 3)
         x = cogvideox_inputs(batch, k_in, scaling_factor, empty_text, caption_dropout, dtype)
         t = cogvideox_timesteps(k_t, x["x0"].shape[0], len(alphas))
         noise = jax.random.normal(k_noise, x["x0"].shape).astype(dtype)
-
-        def predict(x_t, t):
-            latents = jnp.concatenate([x_t, x["image"]], axis=-1)
-            return model.apply({"params": params}, latents, x["text"], t, x["ref_input"], x["ref_text"])
-
-        return cogvideox_loss(predict, x["x0"], noise, t, alphas)
+        return cogvideox_loss(cogvideox_predictor(model, params, x), x["x0"], noise, t, alphas)
 
     return objective
 
@@ -218,33 +238,100 @@ def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: o
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-class Checkpoints:
-    """Orbax CheckpointManager over {state: trainable params + optimizer state + step, data: the
-    data iterator's state, config}. The frozen backbone is not saved: the config names the converted
-    checkpoint it came from. Saves are atomic (orbax commits a step by renaming a finished temporary
-    folder), so a kill mid-save leaves the previous steps intact; a complete-looking but unreadable
-    latest step is skipped for the one before."""
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be resumed (one-line message)."""
 
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+
+# What orbax raises for a damaged step folder: a missing item (KeyError), corrupt JSON or array files
+# (json / tensorstore ValueError), missing files (OSError). Anything else is a bug and propagates.
+UNREADABLE = (OSError, ValueError, KeyError)
+
+
+def describe_state(state: Any) -> dict[str, str]:
+    """{leaf path: 'dtype[shape]'} of a (possibly abstract) state tree, in tree order."""
+    def key(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return {"/".join(key(k) for k in path): f"{jnp.dtype(a.dtype).name}{list(a.shape)}"
+            for path, a in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def signature_difference(saved: Mapping, current: Mapping) -> str | None:
+    """The first difference between two checkpoint signatures ({model: config, state: describe_state}),
+    in words (plus how many more there are), or None."""
+    show = lambda v: v if isinstance(v, str) else json.dumps(v)
+    diffs = []
+    for section, label in (("model", "model config field "), ("state", "")):
+        a, b = saved.get(section, {}), current[section]
+        for k in list(b) + [k for k in a if k not in b]:
+            if k not in a:
+                diffs.append(f"{label}{k} is not in the checkpoint")
+            elif k not in b:
+                diffs.append(f"{label}{k} is in the checkpoint but not in this run")
+            elif a[k] != b[k]:
+                diffs.append(f"{label}{k} is {show(a[k])} in the checkpoint, {show(b[k])} in this run")
+    if not diffs:
+        return None
+    return diffs[0] + (f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else "")
+
+
+class TrainCheckpoints:
+    """Training-state checkpoints (not to be confused with `vapjax.checkpoint`, the converted weights):
+    an orbax CheckpointManager over {state: trainable params + optimizer state + step, data: the data
+    iterator's state, config: the run's config, signature: what a resume must match}. The frozen
+    backbone is not saved: the config names the converted checkpoint it came from.
+
+    Saves are atomic (orbax commits a step by renaming a finished temporary folder), so a kill mid-save
+    leaves the previous steps intact; a committed but unreadable (corrupt) step is skipped for the one
+    before. A readable step that does not fit this run (other model config, expert layers, parameter
+    shapes or dtypes) stops the run with a one-line error, as does a workdir whose steps are all
+    unreadable: training never silently restarts from step 0 where later steps exist.
+
+    `model`: the model config a resume must match (JSON-able dict)."""
+
+    def __init__(self, directory: str, *, every: int, keep: int, model: Mapping, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                                enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.model = json.loads(json.dumps(dict(model)))
+
+    def _signature(self, state: Any) -> dict:
+        return {"model": self.model, "state": describe_state(state)}
 
     def save(self, step: int, state: TrainState, data_state: Any, config: dict, force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                  config=ocp.args.JsonSave(config))
+                                  config=ocp.args.JsonSave(config),
+                                  signature=ocp.args.JsonSave(self._signature(state)))
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state: TrainState) -> tuple[int, TrainState, Any] | None:
-        """(step, state, data_state) of the newest readable checkpoint, or None."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        """(step, state, data_state) of the newest readable checkpoint, or None if there is none.
+        Each step's signature is compared with this run's before its state is read."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        want = self._signature(abstract_state)
+        for step in steps:
+            try:
+                saved = self.manager.restore(step, args=ocp.args.Composite(signature=ocp.args.JsonRestore()))
+            except UNREADABLE as e:
+                _unreadable(step, e)
+                continue
+            diff = signature_difference(saved["signature"], want)
+            if diff:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this run: {diff}; "
+                                      "resume with the run's original config or use another workdir")
             try:
                 got = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-                return step, got["state"], got["data"]
-            except Exception as e:  # noqa: BLE001 — orbax/tensorstore raise many types for a bad folder
-                logging.warning("checkpoint step %d unreadable (%s: %s); trying an older one",
-                                step, type(e).__name__, str(e).splitlines()[0][:200])
+            except UNREADABLE as e:
+                _unreadable(step, e)
+                continue
+            return step, got["state"], got["data"]
+        if steps:
+            raise CheckpointError(f"no readable checkpoint among steps {steps} in {self.directory}; refusing to "
+                                  "start again from step 0 over them (move the folder away to start afresh)")
         return None
 
     def wait(self):
@@ -252,3 +339,8 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+def _unreadable(step: int, e: Exception) -> None:
+    logging.warning("checkpoint step %d unreadable (%s: %s); trying an older one",
+                    step, type(e).__name__, (str(e).splitlines() or [""])[0][:200])

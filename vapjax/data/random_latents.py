@@ -1,7 +1,7 @@
 """A small, fixed, paired dataset of random VAE posteriors and caption embeddings, in memory.
 
 For smoke tests, the tiny training config and benchmarks: batches have exactly the format of the
-precomputed VAP-Data loader (`latent_dist`, `image_dist`, `text`, `ref_*`), the examples are fixed (so a
+precomputed VAP-Data loader (`latent_dist`, `image_dist`, `text`, `ref_*`, `index`), the examples are fixed (so a
 model can fit them and the loss must fall), and the iterator is deterministic, host-sharded and
 checkpointable (`get_state` / `set_state`) like the real one.
 """
@@ -57,7 +57,7 @@ class RandomLatents:
         self.step += 1
         return {"latent_dist": self.latent_dist[idx], "image_dist": self.image_dist[idx], "text": self.text[idx],
                 "ref_latent_dist": self.latent_dist[refs], "ref_image_dist": self.image_dist[refs],
-                "ref_text": self.text[refs]}
+                "ref_text": self.text[refs], "index": idx, "ref_index": refs}
 
     def get_state(self) -> dict:
         return {"step": self.step, "seed": self.seed}

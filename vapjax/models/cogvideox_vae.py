@@ -116,6 +116,12 @@ class Posterior(NamedTuple):
     mean: Array
     logvar: Array
 
+    @classmethod
+    def from_concat(cls, dist: Array) -> "Posterior":
+        """From the encoder's (or a precomputed dataset's) [..., 2C] = mean ‖ logvar on channels."""
+        mean, logvar = jnp.split(dist, 2, axis=-1)
+        return cls(mean, jnp.clip(logvar, -30.0, 20.0))
+
     def mode(self) -> Array:
         return self.mean
 
@@ -431,8 +437,7 @@ class AutoencoderKLCogVideoX(nn.Module):
         """video [B, F, H, W, C] in [-1, 1] -> posterior over latents [B, f, h, w, latent_channels]."""
         h = self._run(self.encoder, self.config.num_sample_frames_batch_size, video.astype(self.config.dtype),
                       encoding=True)
-        mean, logvar = jnp.split(h, 2, axis=-1)
-        return Posterior(mean, jnp.clip(logvar, -30.0, 20.0))
+        return Posterior.from_concat(h)
 
     def decode(self, z: Array) -> Array:
         """latents [B, f, h, w, latent_channels] (already divided by the scaling factor) -> video."""
