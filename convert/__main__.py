@@ -38,6 +38,10 @@ def convert_folder(src: str, dst: str, *, init_expert=None, expert_layers=None, 
         from convert.cogvideox import convert_transformer  # noqa: PLC0415
         convert_transformer(src, dst, init_expert=init_expert, expert_layers=expert_layers, dtype=dtype)
         return name
+    if name.startswith("WanTransformer3D"):
+        from convert.wan import convert_transformer  # noqa: PLC0415
+        convert_transformer(src, dst, init_expert=init_expert, expert_layers=expert_layers, dtype=dtype)
+        return name
     if init_expert or expert_layers:
         raise ConversionError(f"{src}: --init-expert/--expert-layers apply to a transformer, not a {name!r}")
     if name == "AutoencoderKLCogVideoX":
