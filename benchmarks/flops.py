@@ -167,8 +167,8 @@ def main():
     if model == "wan":
         r = wan_report(experts, **sizes)
         print(f"sizes {sizes}, Wan2.1-I2V-14B + VAP experts {experts}")
-        print(f"XLA cost_analysis (scan trips added): {r['xla'] / 1e15:7.3f} PFLOP   "
-              f"[one joint layer {r['joint_layer'] / 1e12:.1f} TFLOP, one plain layer {r['plain_layer'] / 1e12:.1f} TFLOP]")
+        print(f"XLA cost_analysis (scan trips added): {r['xla'] / 1e15:7.3f} PFLOP   [one joint layer "
+              f"{r['joint_layer'] / 1e12:.1f} TFLOP, one plain layer {r['plain_layer'] / 1e12:.1f} TFLOP]")
         print(f"analytic matmul FLOPs               : {r['analytic'] / 1e15:7.3f} PFLOP   "
               f"(ratio XLA/analytic {r['xla'] / r['analytic']:.3f})")
         return

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from convert.cogvideox import _default_dtype, parse_layers  # noqa: F401 (parse_layers: same CLI syntax)
+from convert.cogvideox import _default_dtype
 from convert.core import IDENTITY, LINEAR, Path, Rule, Transform, assemble, check, conv_as_linear, flatten_leading
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
@@ -47,7 +47,7 @@ def _torch_name(path: Path, expert: bool) -> tuple[str, Transform]:
             break
     module = s.rstrip("/").replace("/", ".")
     leaf = _LEAVES[path[-1]]
-    if expert:  # `_mot_ref` on the first component: attn1 -> attn1_mot_ref, scale_shift_table -> scale_shift_table_mot_ref
+    if expert:  # `_mot_ref` on the first component (attn1 -> attn1_mot_ref) or on a block's modulation table
         if module:
             head, _, rest = module.partition(".")
             module = f"{head}_mot_ref" + (f".{rest}" if rest else "")
@@ -112,7 +112,8 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
         if has_expert_keys:
             raise ConversionError(f"{src}: already has expert (_mot_ref) weights; drop --init-expert")
         if not expert_layers:
-            raise ConversionError("--init-expert copy needs --expert-layers (official: 0,4,8,...,36 or 0,2,...,38 or 0-39)")
+            raise ConversionError("--init-expert copy needs --expert-layers, e.g. 0,4,8,12,16,20,24,28,32,36 "
+                                  "(the official lists: every 4th, every 2nd or all 40 layers)")
         cfg = cfg.with_options(expert_layers=tuple(expert_layers))
     elif init_expert is not None:
         raise ConversionError(f"--init-expert {init_expert!r}: only 'copy' is supported")

@@ -96,8 +96,9 @@ class WanConfig:
         dim = d["num_attention_heads"] * d["attention_head_dim"]
         image_dim = d.get("image_dim")
         if d.get("added_kv_proj_dim") != (dim if image_dim else None):
-            raise ValueError(f"Wan config added_kv_proj_dim={d.get('added_kv_proj_dim')!r} with image_dim={image_dim!r}: "
-                             f"expected {dim if image_dim else None} (image keys/values project the embedded image)")
+            raise ValueError(f"Wan config added_kv_proj_dim={d.get('added_kv_proj_dim')!r} with "
+                             f"image_dim={image_dim!r}: expected {dim if image_dim else None} "
+                             f"(the image keys/values project the embedded image)")
         return cls(
             num_heads=d["num_attention_heads"], head_dim=d["attention_head_dim"],
             in_channels=d["in_channels"], out_channels=d.get("out_channels") or d["in_channels"],
@@ -133,7 +134,9 @@ class WanConfig:
 # ----------------------------------------------------------------------------------------------
 # 3D RoPE (WAN:368-464). Complex pairs (x₂ⱼ, x₂ⱼ₊₁) of each head vector; the pairs are split
 # [t | h | w] = 22 | 21 | 21 for head_dim 128. Angles and their cos/sin in float64 on the host, as
-# the reference does (torch.polar in float64); the rotation itself in float32.
+# the reference does (torch.polar in float64); the rotation itself in float32. The tables stay
+# per axis (a few KB, host constants); they are broadcast over the token grid inside the rotation,
+# so no [tokens, 64] table is ever materialised or constant-folded.
 # ----------------------------------------------------------------------------------------------
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -151,31 +154,31 @@ def rope_positions(frames: int, grid: tuple[int, int, int], reference: bool = Fa
     return t, np.arange(h), np.arange(w)
 
 
-def rope_tables(t, h, w, head_dim: int, theta: float = 10000.0) -> tuple[Array, Array]:
-    """cos, sin [T·H·W, head_dim/2] (float32) for tokens ordered (t, h, w)."""
-    parts = []
+def rope_tables(t, h, w, head_dim: int, theta: float = 10000.0):
+    """Per axis (cos, sin) [positions, pairs of that axis], float32 numpy: ((t), (h), (w))."""
+    tables = []
     for pos, dim in zip((t, h, w), rope_split(head_dim)):
         omega = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64)[: dim // 2] / dim)
         ang = np.outer(np.asarray(pos, np.float64), omega)
-        parts.append((np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)))
-    T, H, W = len(t), len(h), len(w)
-
-    def grid(i):  # broadcast the three small per-axis tables over the (t, h, w) grid on device
-        (a, _, _), (b, _, _), (c, _, _) = [(p[i], None, None) for p in parts]
-        return jnp.concatenate([
-            jnp.broadcast_to(jnp.asarray(a)[:, None, None], (T, H, W, a.shape[-1])),
-            jnp.broadcast_to(jnp.asarray(b)[None, :, None], (T, H, W, b.shape[-1])),
-            jnp.broadcast_to(jnp.asarray(c)[None, None, :], (T, H, W, c.shape[-1])),
-        ], axis=-1).reshape(T * H * W, -1)
-    return grid(0), grid(1)
+        tables.append((np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)))
+    return tuple(tables)
 
 
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate each pair (x₂ⱼ, x₂ⱼ₊₁) of x [B, S, N, D] as the complex number x₂ⱼ + i·x₂ⱼ₊₁ by e^{iθ}."""
-    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    c, s = cos[None, :, None], sin[None, :, None]
-    return jnp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(x.shape).astype(x.dtype)
+def apply_rope(x: Array, rope) -> Array:
+    """Rotate each pair (x₂ⱼ, x₂ⱼ₊₁) of x [B, S, N, D], as the complex number x₂ⱼ + i·x₂ⱼ₊₁, by e^{iθ};
+    tokens ordered (t, h, w) on the grid of the `rope_tables`."""
+    T, H, W = (len(cos) for cos, _ in rope)
+    b, _, n, d = x.shape
+    pairs = x.astype(jnp.float32).reshape(b, T, H, W, n, d // 2, 2)
+    out, start = [], 0
+    for axis, (cos, sin) in enumerate(rope):
+        shape = [1, 1, 1, 1, cos.shape[-1]]          # (t, h, w, head, pair), broadcast over the other axes
+        shape[axis] = len(cos)
+        c, s = cos.reshape(shape), sin.reshape(shape)
+        p = pairs[..., start:start + cos.shape[-1], :]
+        start += cos.shape[-1]
+        out.append(jnp.stack([p[..., 0] * c - p[..., 1] * s, p[..., 0] * s + p[..., 1] * c], axis=-1))
+    return jnp.concatenate(out, axis=-2).reshape(x.shape).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ class SelfAttention(nn.Module):
         c = self.cfg
         q, k, v = _heads(c, self.norm_q(self.to_q(x))), _heads(c, self.norm_k(self.to_k(x))), _heads(c, self.to_v(x))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
 
     def out(self, o: Array) -> Array:
@@ -432,7 +435,8 @@ class Stream(nn.Module):
         c = self.cfg
         x = jnp.zeros((1, 1, c.dim))
         context = (x, x if c.image_dim else None)
-        init = lambda r: Block(c, self.expert, parent=None).init(r, x, jnp.zeros((1, 6 * c.dim)), None, context)["params"]
+        temb_proj = jnp.zeros((1, 6 * c.dim))
+        init = lambda r: Block(c, self.expert, parent=None).init(r, x, temb_proj, None, context)["params"]
         return jax.vmap(init)(jax.random.split(rng, self.num_blocks))
 
     def embed(self, latents, text, image, t):
