@@ -237,6 +237,11 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
+def _table_init(dim: int):
+    """Modulation tables start as N(0, 1/dim), as the official `torch.randn(...) / dim**0.5`."""
+    return lambda rng, shape, dtype: (jax.random.normal(rng, shape) / math.sqrt(dim)).astype(dtype)
+
+
 def _rms(cfg: WanConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.eps, _dt(cfg), _pdt(cfg), name=name)
 
@@ -303,9 +308,7 @@ class Block(nn.Module):
     def setup(self):
         c = self.cfg
         island = _pdt(c) if self.expert else jnp.float32
-        self.scale_shift_table = self.param(
-            "scale_shift_table", lambda r, s, d: (jax.random.normal(r, s) / math.sqrt(c.dim)).astype(d),
-            (6, c.dim), island)
+        self.scale_shift_table = self.param("scale_shift_table", _table_init(c.dim), (6, c.dim), island)
         self.attn1 = SelfAttention(c)
         self.attn2 = CrossAttention(c)
         self.norm2 = FP32LayerNorm(c.eps, island)
@@ -392,8 +395,7 @@ class OutputHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array, temb: Array) -> Array:
         c = self.cfg
-        table = self.param("scale_shift_table", lambda r, s, d: (jax.random.normal(r, s) / math.sqrt(c.dim)).astype(d),
-                           (2, c.dim), jnp.float32)
+        table = self.param("scale_shift_table", _table_init(c.dim), (2, c.dim), jnp.float32)
         mod = table.astype(jnp.float32)[None] + temb.astype(jnp.float32)[:, None]
         h = (layer_norm(x, c.eps) * (1 + mod[:, 1:2]) + mod[:, 0:1]).astype(x.dtype)
         return _dense(c, math.prod(c.patch_size) * c.out_channels, "proj_out")(h)
