@@ -49,8 +49,8 @@ def load_model(c):
     if not c.init_checkpoint:
         raise TrainingError("no init_checkpoint: pass --config.init_checkpoint=<converted transformer folder> "
                             "(python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40)")
-    from convert.cogvideox import load_transformer  # noqa: PLC0415
-    cfg, params = load_transformer(c.init_checkpoint)
+    from vapjax import checkpoint  # noqa: PLC0415
+    cfg, params = checkpoint.load(c.init_checkpoint, "cogvideox_transformer")
     if not cfg.expert_layers:
         raise TrainingError(f"{c.init_checkpoint} has no expert; convert with --init-expert copy --expert-layers 0-40")
     params = jax.tree.map(lambda a: a.astype(options["param_dtype"]), params)

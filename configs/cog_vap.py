@@ -7,11 +7,12 @@
 
 Several references (up to 3): --config.ref_video="a.mp4|b.mp4" --config.ref_prompt="caption a|caption b".
 Defaults follow the official inference script (infer/cog_vap.py): 480x720, 49 frames, 50 DDIM steps,
-CFG 6 with dynamic CFG, VAE posterior samples, bf16.
+CFG 6 with dynamic CFG, VAE posterior samples, bf16. A setting that cannot take effect (e.g. a checkpoint
+together with random_init) is an error naming it.
 """
 import ml_collections
 
-from vapjax.pipelines.cogvideox_vap import DEFAULT_NEGATIVE_PROMPT
+from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 
 
 def get_config():
@@ -32,7 +33,8 @@ def get_config():
     c.guidance_scale = 6.0
     c.dynamic_cfg = True
     c.max_sequence_length = 226
-    c.frames_selection = "evenly"
+    c.frames_selection = "evenly"     # "evenly" (repeats frames of a short reference), "first" or "random"
+    c.frames_per_reference_length = False  # True: "evenly" over each reference's own length (not official)
     c.posterior = "sample"            # VAE encodes: "sample" (official) or "mode"
     c.seed = 0
     c.dtype = "bfloat16"              # weights and compute; "" keeps the stored dtype

@@ -10,49 +10,79 @@ pipeline folder (model_index.json), which converts every component.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fnmatch
 import os
 import sys
 import time
+from typing import Callable
 
+from convert import pipeline
+from convert.cogvideox import convert_transformer, parse_layers
+from convert.clip import convert_clip
+from convert.cogvideox_vae import convert_vae
 from convert.errors import ConversionError
+from convert.source import read_config, read_json
+from convert.t5 import convert_t5
+from convert.wan import convert_transformer as convert_wan_transformer
+from convert.wan_vae import convert_vae as convert_wan_vae
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "fp32": "float32", "bf16": "bfloat16"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    convert: Callable[..., object]   # convert(src, dst, *, dtype, [init_expert, expert_layers])
+    expert_options: bool = False     # takes --init-expert / --expert-layers
+
+
+# Model folders by class name (config.json `_class_name`, or transformers' `architectures[0]`; fnmatch
+# patterns). A new model family is one entry, e.g. "WanTransformer3D*": Converter(convert_wan, True).
+MODELS: dict[str, Converter] = {
+    "CogVideoXTransformer3D*": Converter(convert_transformer, expert_options=True),
+    "WanTransformer3D*": Converter(convert_wan_transformer, expert_options=True),
+    "AutoencoderKLCogVideoX": Converter(convert_vae),
+    "AutoencoderKLWan": Converter(convert_wan_vae),
+    "CLIPVisionModel": Converter(convert_clip),
+    "CLIPVisionModelWithProjection": Converter(convert_clip),
+    "T5EncoderModel": Converter(convert_t5),
+    "UMT5EncoderModel": Converter(convert_t5),
+}
+# Pipeline folders by model_index.json `_class_name`.
+PIPELINES: dict[str, Converter] = {name: Converter(pipeline.convert_pipeline, expert_options=True)
+                                   for name in pipeline.PIPELINES}
+
+
 def _class_name(src: str) -> str:
-    from convert.source import read_config  # noqa: PLC0415
     d = read_config(src)
     return d.get("_class_name") or (d.get("architectures") or ["?"])[0]
 
 
+def _lookup(table: dict[str, Converter], name: str, src: str) -> Converter:
+    for pattern, converter in table.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return converter
+    raise ConversionError(f"{src}: don't know how to convert a {name!r} (known: {', '.join(table)})")
+
+
 def convert_folder(src: str, dst: str, *, init_expert=None, expert_layers=None, dtype=None) -> str:
-    """Convert one model folder; returns what it was."""
+    """Convert one model or pipeline folder; returns what it was."""
     if not os.path.isdir(src):
         raise ConversionError(f"{src}: no such folder")
-    if os.path.exists(os.path.join(src, "model_index.json")):
-        from convert.pipeline import convert_pipeline  # noqa: PLC0415 (heavy, only when needed)
-        convert_pipeline(src, dst, init_expert=init_expert, expert_layers=expert_layers, dtype=dtype)
-        return "pipeline"
-    name = _class_name(src)
-    if name.startswith("CogVideoXTransformer3D"):
-        from convert.cogvideox import convert_transformer  # noqa: PLC0415
-        convert_transformer(src, dst, init_expert=init_expert, expert_layers=expert_layers, dtype=dtype)
-        return name
-    if name.startswith("WanTransformer3D"):
-        from convert.wan import convert_transformer  # noqa: PLC0415
-        convert_transformer(src, dst, init_expert=init_expert, expert_layers=expert_layers, dtype=dtype)
-        return name
-    if init_expert or expert_layers:
+    index = os.path.join(src, "model_index.json")
+    if os.path.exists(index):
+        name = read_json(index).get("_class_name") or "?"
+        converter = _lookup(PIPELINES, name, src)
+    else:
+        name = _class_name(src)
+        converter = _lookup(MODELS, name, src)
+    expert = {}
+    if converter.expert_options:
+        expert = dict(init_expert=init_expert, expert_layers=expert_layers)
+    elif init_expert or expert_layers:
         raise ConversionError(f"{src}: --init-expert/--expert-layers apply to a transformer, not a {name!r}")
-    if name == "AutoencoderKLCogVideoX":
-        from convert.cogvideox_vae import convert_vae  # noqa: PLC0415
-        convert_vae(src, dst, dtype=dtype)
-        return name
-    if name in ("T5EncoderModel", "UMT5EncoderModel"):
-        from convert.t5 import convert_t5  # noqa: PLC0415
-        convert_t5(src, dst, dtype=dtype)
-        return name
-    raise ConversionError(f"{src}: don't know how to convert a {name!r}")
+    converter.convert(src, dst, dtype=dtype, **expert)
+    return name
 
 
 def main(argv=None) -> int:
@@ -66,7 +96,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="storage dtype (default: bf16 for a bf16 checkpoint, else fp32)")
     args = ap.parse_args(argv)
-    from convert.cogvideox import parse_layers  # noqa: PLC0415
     t0 = time.time()
     try:
         layers = parse_layers(args.expert_layers) if args.expert_layers else None

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from convert.core import (IDENTITY, LINEAR, Path, Rule, Transform, assemble, check, conv_as_linear,
-                          flatten_leading)
+                          flatten_leading, storage_dtype)
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
 from vapjax import checkpoint
-from vapjax.tree import flatten as flatten_tree
 from vapjax.models.cogvideox import CogVideoXConfig, param_shapes
-
-KIND = "cogvideox_transformer"
+from vapjax.tree import flatten as flatten_tree
 
 # Our module path (inside a stream) -> the official module path, longest prefix first.
 _MODULES = [
@@ -83,12 +80,6 @@ def parse_layers(spec: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _default_dtype(source: TensorSource, keys: Sequence[str]):
-    """bf16 checkpoints stay bf16; anything else (fp32, fp64 buffers, fp16) becomes fp32."""
-    dtypes = {source.dtype(k) for k in keys}
-    return ml_dtypes.bfloat16 if dtypes == {np.dtype(ml_dtypes.bfloat16)} else np.float32
-
-
 def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | None = None,
                         expert_layers: Sequence[int] | None = None, dtype: Any = None,
                         put: Callable[[Path, np.ndarray], Any] | None = None):
@@ -98,7 +89,8 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
       or, for a stock checkpoint, there is none. init_expert="copy": a stock checkpoint gets an expert
       on `expert_layers` initialised as copies of the backbone. Returns (config, params); writes a
       vapjax checkpoint to `dst` if given. `dtype`: storage dtype of the arrays (default: bf16 for a
-      bf16 checkpoint, else fp32). `put(path, array)` places arrays (e.g. onto a sharding)."""
+      bf16 checkpoint, else fp32), recorded as the config's `dtype` and `param_dtype`. `put(path,
+      array)` places arrays (e.g. onto a sharding)."""
     d = read_config(src)
     try:
         cfg = CogVideoXConfig.from_diffusers(d)
@@ -120,15 +112,9 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
     targets = target_shapes(cfg)
     rs = rules(cfg, targets, expert_from_backbone=init_expert == "copy")
     check(source.shapes(), rs, targets, what=src)
-    if dtype is None:
-        dtype = _default_dtype(source, source.keys())
+    dtype = storage_dtype(map(source.dtype, source.keys()), dtype)
+    cfg = cfg.with_options(dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(source.load, rs, targets, dtype=dtype, put=put)
     if dst is not None:
-        checkpoint.save(dst, params, KIND, cfg.to_dict())
+        checkpoint.save(dst, params, cfg)
     return cfg, params
-
-
-def load_transformer(path: str, **options):
-    """(config, params) of a converted transformer; `options` override run options (dtype, attention, remat)."""
-    params, d = checkpoint.load(path, KIND)
-    return CogVideoXConfig.from_dict(d).with_options(**options), params

@@ -10,16 +10,13 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from convert.core import Path, Rule, assemble, check, conv_kernel
-from vapjax.tree import flatten as flatten_tree
+from convert.core import Path, Rule, assemble, check, conv_kernel, storage_dtype
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
 from vapjax import checkpoint
 from vapjax.models.cogvideox_vae import VAEConfig, init_params
-
-KIND = "cogvideox_vae"
+from vapjax.tree import flatten as flatten_tree
 _RESAMPLERS = {"downsample": "downsamplers.0.conv", "upsample": "upsamplers.0.conv"}
 
 
@@ -96,23 +93,14 @@ def read_diffusers_config(src_dir: str) -> VAEConfig:
 
 def convert_vae(src_dir: str, dst_dir: str, dtype: Any = None) -> VAEConfig:
     """Convert a diffusers VAE folder (config.json + safetensors) into a vapjax checkpoint at `dst_dir`.
-    `dtype` (e.g. "bfloat16") stores the parameters in that dtype and records it as `param_dtype`."""
+    `dtype` (default: bf16 for a bf16 checkpoint, else fp32) is the stored dtype, recorded as the
+    config's `dtype` and `param_dtype`."""
     cfg = read_diffusers_config(src_dir)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
     source = TensorSource.open(src_dir)
     plan, shapes = rules(cfg), target_shapes(cfg)
     check(source.shapes(), plan, shapes, what=f"CogVideoX VAE {src_dir}")
-    params = assemble(source.load, plan, shapes, dtype=jnp.dtype(cfg.param_dtype))
-    checkpoint.save(dst_dir, params, KIND, cfg.to_dict())
+    dtype = storage_dtype(map(source.dtype, source.keys()), dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
+    params = assemble(source.load, plan, shapes, dtype=dtype)
+    checkpoint.save(dst_dir, params, cfg)
     return cfg
-
-
-def load_vae(path: str, dtype: Any = None) -> tuple[VAEConfig, Any]:
-    """(config, params) of a converted VAE. `dtype` casts the parameters and makes it both the compute and the
-    parameter dtype of the returned config, like torch's `vae.to(dtype)`."""
-    params, config = checkpoint.load(path, KIND, dtype=dtype)
-    cfg = VAEConfig.from_dict(config)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-    return cfg, params

@@ -16,6 +16,7 @@ import dataclasses
 from collections import defaultdict
 from typing import Any, Callable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from convert.errors import ConversionError, short_list
@@ -63,6 +64,15 @@ class Rule:
     dst: Path                     # parameter path in our tree
     index: int | None = None      # slot along the leading (layer) axis of a stacked parameter
     transform: Transform = IDENTITY
+
+
+def storage_dtype(source_dtypes, requested: Any = None) -> np.dtype:
+    """The dtype converted arrays are stored in, for every converter: `requested` if given; else a
+    checkpoint that is all bf16 stays bf16 and anything else (fp32, fp64 buffers, fp16) becomes fp32."""
+    if requested is not None:
+        return np.dtype(requested)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    return bf16 if set(map(np.dtype, source_dtypes)) == {bf16} else np.dtype(np.float32)
 
 
 def path_str(path: Path, index: int | None = None) -> str:

@@ -14,6 +14,7 @@ import shutil
 from convert.cogvideox import convert_transformer
 from convert.cogvideox_vae import convert_vae
 from convert.errors import ConversionError
+from convert.source import read_json
 from convert.t5 import convert_t5
 from vapjax.sampling import DDIMSchedule
 
@@ -23,8 +24,7 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.
 
 
 def convert_pipeline(src: str, dst: str, *, init_expert=None, expert_layers=None, dtype=None) -> None:
-    with open(os.path.join(src, "model_index.json")) as f:
-        index = json.load(f)
+    index = read_json(os.path.join(src, "model_index.json"))
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ConversionError(f"{src}/model_index.json: pipeline {name!r} is not supported (only {', '.join(PIPELINES)})")
@@ -36,8 +36,7 @@ def convert_pipeline(src: str, dst: str, *, init_expert=None, expert_layers=None
         raise ConversionError(f"{src}/model_index.json: unexpected components {', '.join(unknown)}")
 
     # Validate the cheap parts first, so a bad folder fails before gigabytes are read.
-    with open(os.path.join(src, "scheduler", "scheduler_config.json")) as f:
-        scheduler = json.load(f)
+    scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
     try:
         DDIMSchedule.from_config(scheduler)
     except ValueError as e:

@@ -24,17 +24,14 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from convert.core import LINEAR, Rule, assemble, check
-from vapjax.tree import flatten as flatten_tree
+from convert.core import LINEAR, Rule, assemble, check, storage_dtype
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
 from vapjax import checkpoint
 from vapjax.models.t5 import T5Config, T5Encoder
-
-KIND = "t5_encoder"
+from vapjax.tree import flatten as flatten_tree
 EMBED = "shared.weight"
 TIED_EMBED = "encoder.embed_tokens.weight"
 
@@ -100,21 +97,8 @@ def convert_t5(src_dir: str, dst_dir: str, dtype=None) -> T5Config:
     alias = _embedding_alias(src, shapes, src_dir)
     plan, targets = rules(cfg), target_shapes(cfg)
     check(shapes, plan, targets, what=src_dir)
-    if dtype is None:
-        bf16 = {src.dtype(k) for k in src.keys()} == {np.dtype(ml_dtypes.bfloat16)}
-        dtype = ml_dtypes.bfloat16 if bf16 else np.float32
-    dtype = jnp.dtype(dtype)
-    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    dtype = storage_dtype(map(src.dtype, src.keys()), dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(lambda k: src.load(alias.get(k, k)), plan, targets, dtype=dtype)
-    checkpoint.save(dst_dir, params, KIND, cfg.to_dict())
+    checkpoint.save(dst_dir, params, cfg)
     return cfg
-
-
-def load_t5(path: str, dtype=None) -> tuple[T5Config, dict]:
-    """(config, params) of a converted checkpoint, for `T5Encoder(config).apply({"params": params}, ids)`;
-    `dtype` (e.g. "bfloat16") casts the parameters and sets the compute dtype."""
-    params, config = checkpoint.load(path, KIND, dtype=dtype)
-    cfg = T5Config.from_dict(config)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-    return cfg, params

@@ -1,3 +1,4 @@
+import json
 import os
 import pathlib
 
@@ -15,6 +16,36 @@ def golden_dir() -> pathlib.Path:
 def golden_cases() -> list[pathlib.Path]:
     d = golden_dir()
     return sorted(p for p in d.iterdir() if (p / "case.json").exists()) if d.is_dir() else []
+
+
+# What a golden case records, by the one key its case.json names (README.md in the golden folder).
+GOLDEN_KINDS = ("model", "pipeline", "training")
+
+
+class GoldenCaseError(ValueError):
+    """A golden case folder whose case.json cannot be read or classified (one line, naming the file)."""
+
+
+def golden_meta(case: pathlib.Path) -> dict:
+    path = pathlib.Path(case) / "case.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GoldenCaseError(f"{path}: unreadable case.json ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise GoldenCaseError(f"{path}: case.json must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def golden_kind(case: pathlib.Path) -> str:
+    """'model', 'pipeline' or 'training': the one of GOLDEN_KINDS that case.json names. Each kind has
+    its test file (model and pipeline: test_golden.py; training: test_golden_training.py)."""
+    meta = golden_meta(case)
+    kinds = [k for k in GOLDEN_KINDS if k in meta]
+    if len(kinds) != 1:
+        raise GoldenCaseError(f"{pathlib.Path(case) / 'case.json'}: must name exactly one of {', '.join(GOLDEN_KINDS)}; "
+                              f"names {', '.join(kinds) or 'none'}")
+    return kinds[0]
 
 
 def rel_err(got, want) -> float:

@@ -9,19 +9,24 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import get_resize_crop_region_for_grid
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
+from benchmarks.flops import lower_forward
 from conftest import ROOT, golden_cases, rel_err
-from convert.cogvideox import convert_transformer, load_transformer, rules, target_shapes
+from convert.cogvideox import convert_transformer, rules, target_shapes
 from convert.core import check
 from convert.errors import ConversionError
+from vapjax import checkpoint
 from vapjax.models import cogvideox
+from vapjax.random_init import random_params
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
             text_embed_dim=24, num_layers=3, sample_width=12, sample_height=8, sample_frames=9,
@@ -112,13 +117,16 @@ def test_init_expert_copy_and_roundtrip(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, ex[part], bb[part])
     assert not np.shares_memory(ex["blocks"]["attn"]["to_q"]["kernel"], bb["blocks"]["attn"]["to_q"]["kernel"])
 
-    cfg2, params2 = load_transformer(str(dst))
+    cfg2, params2 = checkpoint.load(str(dst), "cogvideox_transformer")
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
 def _golden_model_case():
-    return next(c for c in golden_cases() if "model" in json.loads((c / "case.json").read_text()))
+    """The first official CogVideoX-VAP model case (not an ablation, not another family)."""
+    cases = [json.loads((c / "case.json").read_text()) for c in golden_cases()]
+    return next(c for c, d in zip(golden_cases(), cases)
+                if d.get("model") == "CogVideoXTransformer3DMOTModel" and "ablation" not in d)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -148,7 +156,7 @@ def test_cli(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "convert", *a], cwd=ROOT, capture_output=True, text=True)
     ok = run(str(case), str(tmp_path / "out"))
     assert ok.returncode == 0, ok.stderr
-    cfg, _ = load_transformer(str(tmp_path / "out"))
+    cfg, _ = checkpoint.load(str(tmp_path / "out"), "cogvideox_transformer")
     assert cfg.expert_layers == tuple(json.loads((case / "config.json").read_text())["block_idx_with_mot_ref"])
     bad = run(str(tmp_path / "nope"), str(tmp_path / "out2"))
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no such folder" in bad.stderr
@@ -227,7 +235,6 @@ def test_full_size_mapping_and_counts():
 
 def test_full_size_forward_lowers():
     """jit-lowering of the full-size forward (batch 2, 480×720, 49 frames, one reference) from shapes."""
-    from benchmarks.flops import lower_forward  # noqa: PLC0415
     lowered = lower_forward(full_size_config().with_options(dtype="bfloat16", param_dtype="bfloat16"))
     assert "while" in lowered.as_text()[:2_000_000]  # the layer stack is scanned, not unrolled
 
@@ -235,9 +242,6 @@ def test_full_size_forward_lowers():
 def test_sharded_bf16_source_and_sharding_placement(tmp_path):
     """A sharded `*.index.json` checkpoint in bf16 converts like the single file; arrays can be
     placed straight onto a sharding, and a converted checkpoint loads onto one too."""
-    import ml_dtypes  # noqa: PLC0415
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: PLC0415
-    from vapjax import checkpoint  # noqa: PLC0415
 
     case = _golden_model_case()
     sd = load_file(case / "diffusion_pytorch_model.safetensors")
@@ -258,6 +262,30 @@ def test_sharded_bf16_source_and_sharding_placement(tmp_path):
     assert all(a.dtype == jnp.bfloat16 and a.sharding == replicated for a in leaves)
     jax.tree.map(np.testing.assert_array_equal, params, want)
 
-    loaded, _ = checkpoint.load(str(tmp_path / "out"), "cogvideox_transformer", sharding=lambda path, shape: replicated)
+    _, loaded = checkpoint.load(str(tmp_path / "out"), "cogvideox_transformer", sharding=lambda path, shape: replicated)
     assert all(a.sharding == replicated for a in jax.tree.leaves(loaded))
     jax.tree.map(np.testing.assert_array_equal, loaded, want)
+
+
+def test_expert_layers_are_sorted_when_the_config_is_built():
+    """Expert slots follow layer order: (2, 0) from the Python API is (0, 2), the same mapping of
+    official keys to slots and the same forward; duplicates and out-of-range layers are refused."""
+    base = {**TINY, "flip_sin_to_cos": True, "freq_shift": 0, "temporal_compression_ratio": 4, "norm_eps": 1e-5,
+            "spatial_interpolation_scale": 1.875, "temporal_interpolation_scale": 1.0,
+            "use_rotary_positional_embeddings": True}
+    cfg = cogvideox.CogVideoXConfig.from_diffusers({**base, "block_idx_with_mot_ref": [0, 2]})
+    unsorted = cfg.with_options(expert_layers=(2, 0))
+    assert unsorted.expert_layers == (0, 2) and unsorted == cfg
+    assert cogvideox.CogVideoXConfig.from_dict({**cfg.to_dict(), "expert_layers": [2, 0]}) == cfg
+    rule_map = lambda c: sorted((r.src, r.dst, r.index) for r in rules(c, target_shapes(c)))
+    assert rule_map(unsorted) == rule_map(cfg)
+    assert ("transformer_blocks.2.attn1_mot_ref.to_q.weight", ("expert", "blocks", "attn", "to_q", "kernel"), 1) in \
+        [(r.src, r.dst, r.index) for r in rules(unsorted, target_shapes(unsorted))]
+    params = random_params(cogvideox.param_shapes(cfg), 0)
+    inputs = [np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+              for x in cogvideox.dummy_inputs(cfg, batch=1, frames=1)]
+    forward = jax.jit(lambda p, x, c: cogvideox.CogVideoXTransformer(c).apply({"params": p}, *x), static_argnums=2)
+    np.testing.assert_array_equal(forward(params, inputs, unsorted), forward(params, inputs, cfg))
+    for bad in ((0, 0), (0, 3), (-1,)):
+        with pytest.raises(ValueError, match="must be distinct layers in \\[0, 3\\)"):
+            cfg.with_options(expert_layers=bad)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert.cogvideox_vae import convert_vae, load_vae, rules, target_shapes
+from convert.cogvideox_vae import convert_vae, rules, target_shapes
 from convert.core import check
 from convert.errors import ConversionError
 from tests.conftest import golden_dir, rel_err
+from vapjax import checkpoint
 from vapjax.models.cogvideox_vae import AutoencoderKLCogVideoX, Posterior, Tiling, VAEConfig
 
 import diffusers  # noqa: E402 (test-only references)
@@ -69,7 +70,7 @@ def tiny(tmp_path_factory):
     ref.save_pretrained(src)
     dst = tmp_path_factory.mktemp("tiny_vae_vapjax")
     convert_vae(str(src), str(dst))
-    cfg, params = load_vae(str(dst))
+    cfg, params = checkpoint.load(str(dst), "cogvideox_vae")
     return ref, src, cfg, params
 
 
@@ -141,8 +142,18 @@ def test_tiled_decode(tiny, ref_tiling):
     print(f"tiled decode rel err: vs diffusers tiled {err:.2e}, vs our untiled {vs_untiled:.2e}")
     assert got.shape == (1, 9, 64, 64, 3) and err <= 1e-5
     # Tiles see less context (GroupNorm statistics, borders) and are cross-faded, so they differ from the whole
-    # picture; with random weights and tiles this small the difference is large (measured 0.20).
-    assert vs_untiled <= 0.3
+    # picture; with random weights and tiles this small the difference is large (measured 0.20). The parity
+    # above pins the tiling itself; this bound only says the tiles make up the picture, and 0.25 catches a
+    # tile left out (0.49) or two tiles in each other's place (0.76), measured below.
+    assert vs_untiled <= 0.25
+    got = np.asarray(got)
+    dropped = got.copy()
+    dropped[:, :, 40:, 32:] = 0                       # the last tile (rows 40-63, columns 32-63) left black
+    swapped = got.copy()
+    swapped[:, :, :24, :32], swapped[:, :, 40:, 32:] = got[:, :, 40:, 32:], got[:, :, :24, :32]
+    mistakes = {"dropped": rel_err(dropped, untiled), "swapped": rel_err(swapped, untiled)}
+    print(f"tiled decode with a mistake vs our untiled: {mistakes}")
+    assert min(mistakes.values()) > 0.25
 
 
 def test_tiled_encode(tiny, ref_tiling):
@@ -162,7 +173,7 @@ def golden(tmp_path_factory):
     assert (case / "trace.safetensors").exists(), f"no golden case at {case} (set VAPJAX_GOLDEN_DIR)"
     dst = tmp_path_factory.mktemp("golden_vae")
     convert_vae(str(case / "vae"), str(dst))
-    cfg, params = load_vae(str(dst))
+    cfg, params = checkpoint.load(str(dst), "cogvideox_vae")
     with open(case / "case.json") as f:
         frame_indices = json.load(f)["frame_indices"]
     return SimpleNamespace(cfg=cfg, params=params, converted=dst, frame_indices=frame_indices,
@@ -195,7 +206,7 @@ def test_golden_decode(golden):
 
 def test_bf16_close_to_fp32(golden):
     # bf16 compute and parameters against the fp32 reference outputs (GroupNorm statistics stay fp32).
-    cfg16, params16 = load_vae(str(golden.converted), dtype="bfloat16")
+    cfg16, params16 = checkpoint.load(str(golden.converted), "cogvideox_vae", dtype="bfloat16")
     assert cfg16.dtype == cfg16.param_dtype == "bfloat16"
     assert {a.dtype for a in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
     video = golden.inputs["ref_videos"][:, golden.frame_indices].astype(np.float32) / 255 * 2 - 1
@@ -205,6 +216,9 @@ def test_bf16_close_to_fp32(golden):
     err_enc = rel_err(latents.astype(jnp.float32), to_ours(golden.trace["vae_encode_mode.ref_video"]))
     err_dec = rel_err(frames.astype(jnp.float32), to_ours(golden.trace["vae_decode_output"]))
     print(f"bf16 vs fp32 reference: rel err encode {err_enc:.2e}, decode {err_dec:.2e}")
+    # bf16 rounding alone: measured 1.5e-2 (encode), 9.8e-3 (decode). This bounds gross bf16 breakage only:
+    # GroupNorm statistics reduced in bf16 give 1.8e-2 / 1.1e-2, not separable at this size; semantics are
+    # pinned in fp32 above.
     assert err_enc <= 0.03 and err_dec <= 0.03
 
 

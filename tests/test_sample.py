@@ -1,15 +1,21 @@
 """sample.py end to end on the tiny random-weight config, and its one-line errors on bad input."""
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import sample
+from configs import cog_vap, cog_vap_tiny
 from conftest import ROOT, golden_dir
+from vapjax import video
+from vapjax.models import cogvideox, cogvideox_vae
+from vapjax.pipelines.cogvideox_vap import CogVideoXVAP, Component, Output
 from vapjax.video import read_video
 
 
-def sample(*overrides):
+def sample_cli(*overrides):
     args = [sys.executable, "sample.py", "--config", "configs/cog_vap_tiny.py", *overrides]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -17,7 +23,7 @@ def sample(*overrides):
 def test_tiny_sample_writes_video_deterministically(tmp_path):
     outs = []
     for name in ("a.mp4", "b.mp4"):
-        run = sample(f"--config.output={tmp_path / name}")
+        run = sample_cli(f"--config.output={tmp_path / name}")
         assert run.returncode == 0, run.stderr[-2000:]
         assert "wrote" in run.stdout and "time:" in run.stdout and "memory:" in run.stdout
         frames, fps = read_video(tmp_path / name)
@@ -30,9 +36,10 @@ def test_tiny_sample_writes_video_deterministically(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["--config.image=/nonexistent/cat.png"], "/nonexistent/cat.png"),
     (["--config.ref_video={garbage}"], "garbage.mp4"),
-    (["--config.num_frames=17"], "17"),
+    (["--config.frames_selection=first", "--config.num_frames=17"], "demo_ref.mp4: needs at least 17 frames"),
     (["--config.height=60"], "60x96"),
     (["--config.num_frames=10"], "4k+1"),
+    (["--config.checkpoint=/some/ckpt"], "checkpoint=/some/ckpt has no effect with random_init=True"),
     (["--config.random_init=False", "--config.checkpoint={golden}"], "python -m convert"),
     (["--config.random_init=False", "--config.checkpoint=/nonexistent/ckpt"], "no such checkpoint folder"),
 ])
@@ -40,8 +47,50 @@ def test_bad_input_one_line_error(tmp_path, overrides, message):
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"this is not a video")
     golden = golden_dir() / "cog_pipeline_tiny"
-    run = sample(*[o.format(garbage=garbage, golden=golden) for o in overrides])
+    run = sample_cli(*[o.format(garbage=garbage, golden=golden) for o in overrides])
     assert run.returncode == 2, run.stderr[-2000:]
     err = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(checkpoint="ckpt/vap"), "--config.checkpoint=ckpt/vap has no effect with random_init=True"),
+    (dict(guidance_scale=1.0), "dynamic_cfg=True has no effect with guidance_scale=1.0"),
+    (dict(frames_selection="first", frames_per_reference_length=True), "frames_per_reference_length=True has no"),
+    (dict(random_init=False), "no checkpoint"),
+])
+def test_settings_that_cannot_take_effect_are_errors(change, message):
+    c = cog_vap_tiny.get_config()
+    sample.check_settings(c)  # the tiny config as shipped is fine
+    c.update(change)
+    with pytest.raises(ValueError, match=message) as info:
+        sample.check_settings(c)
+    assert "\n" not in str(info.value)
+
+
+class _ShapeOnlyPipeline(CogVideoXVAP):
+    """The 5B pipeline's validation without its weights; the call returns blank frames."""
+
+    def __init__(self):
+        self.transformer = Component(cogvideox.CogVideoXConfig(), None)
+        self.encoders = SimpleNamespace(vae_config=cogvideox_vae.VAEConfig())
+
+    def __call__(self, image, refs, req, progress=None):
+        self.picks = video.select_reference_frames([len(r) for r in refs], req.num_frames, req.frames_selection)
+        return Output(frames=np.zeros((req.num_frames, 8, 8, 3), np.float32), latents=None)
+
+
+def test_short_demo_reference_with_the_full_config(tmp_path, monkeypatch):
+    """configs/cog_vap.py (49 frames) with the bundled 13-frame demo reference: 'evenly' repeats frames
+    (as the official pipeline) instead of refusing the reference."""
+    tiny = cog_vap_tiny.get_config()
+    c = cog_vap.get_config()
+    c.update(dict(checkpoint="ckpt/vap", image=tiny.image, ref_video=tiny.ref_video, prompt=tiny.prompt,
+                  ref_prompt=tiny.ref_prompt, output=str(tmp_path / "out.mp4")))
+    pipe = _ShapeOnlyPipeline()
+    monkeypatch.setattr(sample, "build_pipeline", lambda c: pipe)
+    sample.run(c)
+    assert len(read_video(tiny.ref_video)[0]) == 13
+    np.testing.assert_array_equal(pipe.picks[0], np.floor(np.linspace(0, 12, 49)).astype(int))
+    assert (tmp_path / "out.mp4").exists()

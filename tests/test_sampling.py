@@ -234,6 +234,21 @@ def test_scan_loop_keeps_bf16_latents():
     assert out.dtype == jnp.bfloat16
 
 
+def test_scan_loop_casts_to_the_compute_dtype():
+    """Latents in another dtype are cast to `dtype` before the first step and after every step (CPIPE:1057):
+    bf16 latents into a float32 loop give exactly the float32 run of the same values."""
+    steps = DDIMSchedule.from_config(COGVIDEOX).steps(3)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4)), jnp.bfloat16)
+    seen = []
+    denoise = lambda x, t, i: (seen.append(x.dtype), (jnp.tanh(x) * 0.5, {}))[1]  # noqa: E731
+    out, history = sample_loop(denoise, x, steps, dtype=jnp.float32, record=True)
+    assert out.dtype == history["latents"].dtype == jnp.float32 and set(seen) == {jnp.dtype(jnp.float32)}
+    plain = lambda x, t, i: jnp.tanh(x) * 0.5  # noqa: E731
+    np.testing.assert_array_equal(sample_loop(plain, x, steps, dtype=jnp.float32),
+                                  sample_loop(plain, x.astype(jnp.float32), steps))
+    assert sample_loop(plain, x.astype(jnp.float32), steps, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
 def test_dynamic_cfg_scale_formula():
     # t = S gives exactly 1; the scale is evaluated with Python floats (no numpy rounding differences).
     assert dynamic_cfg_scale(6.0, 50, 50) == 1.0
@@ -267,14 +282,14 @@ def test_bit_exact_without_fma():
     """The golden replay in a process where XLA cannot emit FMA is bit-exact (TOL = 0 there).
 
     Run this whole file with XLA_FLAGS=--xla_cpu_max_isa=AVX to get the bit-exact diffusers comparisons too.
+    The subprocess runs whatever this process's flags are (no skip): the flag only caps XLA's ISA.
     """
-    if BIT_EXACT:
-        pytest.skip("already running without FMA")
     _require_golden()
     tests = os.path.dirname(os.path.abspath(__file__))
     path = [os.path.dirname(tests), tests] + [p for p in [os.environ.get("PYTHONPATH")] if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {NO_FMA_FLAG}".strip()}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") if BIT_EXACT else
+           f"{os.environ.get('XLA_FLAGS', '')} {NO_FMA_FLAG}".strip()}
     code = ("import test_sampling as t; assert t.TOL == 0; g = t.load_file(str(t.CASE / 'trace.safetensors')); "
             "t.test_golden_replay(g); t.test_scan_loop_replays_golden(g)")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -11,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import golden_dir, rel_err
 from convert.errors import ConversionError
-from convert.t5 import convert_t5, load_t5
+from convert.t5 import convert_t5
+from vapjax import checkpoint
 from vapjax.models.t5 import T5Config, T5Encoder
 from vapjax.tokenizer import T5Tokenizer
 
@@ -77,7 +78,7 @@ def test_parity_with_transformers(tiny, name, masked):
     ids, mask = _inputs()
     with torch.no_grad():
         want = model(torch.tensor(ids), attention_mask=torch.tensor(mask) if masked else None)
-    cfg, params = load_t5(str(dst))
+    cfg, params = checkpoint.load(str(dst), "t5_encoder")
     got = T5Encoder(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask) if masked else None)
     err = rel_err(got, want.last_hidden_state.numpy())
     print(f"{name} {'mask' if masked else 'no mask'}: fp32 rel err {err:.2e}")
@@ -86,8 +87,8 @@ def test_parity_with_transformers(tiny, name, masked):
 
 def test_per_layer_bias_flag_and_config_round_trip(tiny):
     _, src, dst = tiny["umt5"]
-    cfg = load_t5(str(dst))[0]
-    assert cfg.per_layer_position_bias and not load_t5(str(tiny["t5_relu"][2]))[0].gated
+    cfg = checkpoint.load(str(dst), "t5_encoder")[0]
+    assert cfg.per_layer_position_bias and not checkpoint.load(str(tiny["t5_relu"][2]), "t5_encoder")[0].gated
     assert T5Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     hf = json.loads((src / "config.json").read_text())
     assert T5Config.from_transformers(hf) == cfg
@@ -98,8 +99,8 @@ def test_per_layer_bias_flag_and_config_round_trip(tiny):
 def test_bfloat16_close_to_float32(tiny):
     model, _, dst = tiny["t5_gated_gelu"]
     ids, mask = _inputs()
-    cfg32, p32 = load_t5(str(dst))
-    cfg16, p16 = load_t5(str(dst), dtype="bfloat16")
+    cfg32, p32 = checkpoint.load(str(dst), "t5_encoder")
+    cfg16, p16 = checkpoint.load(str(dst), "t5_encoder", dtype="bfloat16")
     want = T5Encoder(cfg32).apply({"params": p32}, jnp.asarray(ids), jnp.asarray(mask))
     got = T5Encoder(cfg16).apply({"params": p16}, jnp.asarray(ids), jnp.asarray(mask))
     assert got.dtype == jnp.bfloat16 and p16["final_norm"]["scale"].dtype == jnp.bfloat16
@@ -151,15 +152,15 @@ def test_tied_embedding_layouts(tiny, tmp_path, edit):
     _, _, reference = tiny["t5_gated_gelu"]
     src = _write_variant(tiny, tmp_path, edit)
     convert_t5(src, str(tmp_path / "out"))
-    got = load_t5(str(tmp_path / "out"))[1]["embed_tokens"]["embedding"]
-    np.testing.assert_array_equal(got, load_t5(str(reference))[1]["embed_tokens"]["embedding"])
+    got = checkpoint.load(str(tmp_path / "out"), "t5_encoder")[1]["embed_tokens"]["embedding"]
+    np.testing.assert_array_equal(got, checkpoint.load(str(reference), "t5_encoder")[1]["embed_tokens"]["embedding"])
 
 
 def test_bfloat16_checkpoint_stays_bfloat16(tiny, tmp_path):
     model, _, _ = tiny["umt5"]
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     cfg = convert_t5(str(tmp_path / "hf"), str(tmp_path / "out"))
-    params = load_t5(str(tmp_path / "out"))[1]
+    params = checkpoint.load(str(tmp_path / "out"), "t5_encoder")[1]
     assert cfg.param_dtype == cfg.dtype == "bfloat16"
     assert params["blocks"]["relative_attention_bias"]["embedding"].dtype == jnp.bfloat16
 
@@ -258,7 +259,7 @@ def test_golden_text_encoding(tmp_path):
     trace = load_file(GOLDEN / "trace.safetensors")
     tokenizer = T5Tokenizer.from_folder(str(GOLDEN / "tokenizer"))
     convert_t5(str(GOLDEN / "text_encoder"), str(tmp_path / "te"))
-    cfg, params = load_t5(str(tmp_path / "te"))
+    cfg, params = checkpoint.load(str(tmp_path / "te"), "t5_encoder")
     encoder = T5Encoder(cfg)
     for name, texts in _golden_prompts(case).items():
         ids = tokenizer(texts, length)                       # [refs, L]

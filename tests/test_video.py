@@ -1,13 +1,15 @@
 """Image/video I/O, the reference's frame selection and fps resampling, resizing and pixel scaling."""
 import json
+import random
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import golden_dir
+from vapjax.numerics import torch_linspace
 from vapjax.video import (VideoError, read_image, read_video, require_frames, resample_fps, resize,
-                          select_frames, to_model_range, write_video)
+                          select_frames, select_reference_frames, to_model_range, write_video)
 
 
 
@@ -68,14 +70,32 @@ def test_select_frames_golden():
     np.testing.assert_array_equal(select_frames(7, 1), [0])
 
 
-def test_select_frames_matches_torch_linspace():
-    import torch  # noqa: PLC0415 (test-only reference)
-    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        pytest.skip("torch runs its scalar (non-FMA) linspace kernel on this CPU")
+def test_select_frames_evenly_is_floor_of_torch_linspace():
+    """.long() of the float32 torch.linspace: the linspace itself is pinned bit for bit against torch
+    (these very ranges are recorded cases of tests/test_numerics.py), whatever CPU runs the test."""
     for n_total in range(1, 400):
         for n in (9, 13, 49, 121):
-            want = torch.linspace(0, n_total - 1, n).long().numpy()
+            want = np.floor(torch_linspace(0, n_total - 1, n, np.float32)).astype(np.int64)
             np.testing.assert_array_equal(select_frames(n_total, n), want, err_msg=f"{n_total}->{n}")
+    # 0..48 in 49 steps is the identity; 0..4 in 9 steps repeats frames (a short reference).
+    np.testing.assert_array_equal(select_frames(49, 49), np.arange(49))
+    np.testing.assert_array_equal(select_frames(5, 9), [0, 0, 1, 1, 2, 2, 3, 3, 4])
+
+
+def test_random_selection_is_official_and_seeded():
+    """Official "random" (CPIPE:900-904): n consecutive frames from random.randint(0, L − n), one draw per
+    reference in order; ours draws from random.Random(seed)."""
+    picks = [select_reference_frames([39, 20], 9, "random", seed=s) for s in range(6)]
+    for p in picks:
+        for ix, length in zip(p, (39, 20)):
+            assert np.all(np.diff(ix) == 1) and len(ix) == 9 and 0 <= ix[0] <= length - 9
+    assert len({int(p[0][0]) for p in picks}) > 1                    # the seed matters
+    r = random.Random(3)
+    assert [int(ix[0]) for ix in picks[3]] == [r.randint(0, 30), r.randint(0, 11)]
+    with pytest.raises(ValueError, match="reference video 1 has 5 frames; frames_selection='random' needs 9"):
+        select_reference_frames([39, 5], 9, "random")
+    with pytest.raises(ValueError, match="frames_selection='middle'"):
+        select_reference_frames([39], 9, "middle")
 
 
 @pytest.mark.parametrize("n, fps, want", [

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from fractions import Fraction
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vapjax.numerics import torch_linspace
 
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
@@ -35,29 +36,13 @@ _DEFAULTS = dict(
 _IGNORED = ("clip_sample", "clip_sample_range", "sample_max_value")
 
 
-def _torch_linspace(start: float, end: float, n: int, dtype) -> np.ndarray:
-    """torch.linspace on CPU: the first half is start + step·i, the second end − step·(n−1−i).
-
-    torch's SIMD kernels (AVX2/AVX512) evaluate each as one fused multiply-add; exact rationals rounded
-    once emulate that (for float32 the exact value fits in float64, so the two roundings are one).
-    """
-    start, end = dtype(start), dtype(end)
-    if n == 1:
-        return np.array([start], dtype)
-    step = (end - start) / dtype(n - 1)
-    half = n // 2
-    values = [Fraction(float(step)) * i + Fraction(float(start)) for i in range(half)]
-    values += [Fraction(float(end)) - Fraction(float(step)) * (n - 1 - i) for i in range(half, n)]
-    return np.array([float(v) for v in values]).astype(dtype)
-
-
 def _alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
     """ᾱ_t for t = 0..T−1, in the dtype diffusers uses (float64 for scaled_linear, float32 for linear)."""
     n = cfg["num_train_timesteps"]
     if cfg["beta_schedule"] == "scaled_linear":
-        betas = _torch_linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, np.float64) ** 2
+        betas = torch_linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, np.float64) ** 2
     else:
-        betas = _torch_linspace(cfg["beta_start"], cfg["beta_end"], n, np.float32)
+        betas = torch_linspace(cfg["beta_start"], cfg["beta_end"], n, np.float32)
     ab = np.cumprod(1 - betas, dtype=np.float64).astype(betas.dtype)  # torch accumulates in float64
     s = cfg["snr_shift_scale"]
     ab = ab / (s + (1 - s) * ab)
@@ -218,29 +203,33 @@ def dynamic_cfg_scale(guidance: float, t: int, num_steps: int) -> float:
     return 1 + guidance * ((1 - math.cos(math.pi * ((num_steps - t) / num_steps) ** 5.0)) / 2)
 
 
-def sample_loop(denoise_fn: Callable, latents, steps: DDIMSteps,
+def sample_loop(denoise_fn: Callable, latents, steps: DDIMSteps, dtype=None,
                 progress: Callable[[Any], None] | None = None, record: bool = False):
     """Run every DDIM step of `steps` from `latents` with `jax.lax.scan`; returns the final latents.
 
     denoise_fn(x, t, i) -> model prediction of the schedule's type (already guided), jittable; x has
-    latents' dtype, t is the int32 timestep and i the int32 step index (e.g. to pick a per-step CFG scale).
-    progress(i), if given, is called on the host once per step (an unordered jax.debug.callback, so it
-    also works on sharded computations), e.g. to advance a progress bar. Wrap the caller in jax.jit to
-    compile the whole loop with the model.
+    the latents' dtype, t is the int32 timestep and i the int32 step index (e.g. to pick a per-step CFG
+    scale). `dtype` (default: the given latents' own) is the dtype the latents are kept in: they are
+    cast to it before the first step and after every step, as the pipeline casts them to its compute
+    dtype (CPIPE:1057). progress(i), if given, is called on the host once per step (an unordered
+    jax.debug.callback, so it also works on sharded computations), e.g. to advance a progress bar.
+    Wrap the caller in jax.jit to compile the whole loop with the model.
 
     record=True: denoise_fn returns (prediction, aux) and the result is (final, history) where history
     holds, stacked over steps, `pred_original_sample`, `latents` (after each step) and aux's entries.
     """
+    dtype = jnp.dtype(dtype or latents.dtype)
+
     def body(x, xs):
         i, step = xs
         pred = denoise_fn(x, step.timestep, i)
         pred, aux = pred if record else (pred, {})
         x_prev, x0 = ddim_step(step, x, pred)
-        x_prev = x_prev.astype(x.dtype)  # the pipeline keeps latents in their own dtype between steps
+        x_prev = x_prev.astype(dtype)
         if progress is not None:
             jax.debug.callback(progress, i)
         return x_prev, ({"pred_original_sample": x0, "latents": x_prev, **aux} if record else None)
 
     index = jnp.arange(len(steps), dtype=jnp.int32)
-    out, history = jax.lax.scan(body, latents, (index, steps))
+    out, history = jax.lax.scan(body, jnp.asarray(latents).astype(dtype), (index, steps))
     return (out, history) if record else out

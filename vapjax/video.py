@@ -5,11 +5,19 @@ that starts with the file's path.
 """
 from __future__ import annotations
 
+import logging
 import os
+import random
+from typing import Sequence
 
 import numpy as np
 
+from vapjax.numerics import torch_linspace
+
 RESIZE_METHODS = ("lanczos", "bicubic")
+FRAME_SELECTIONS = ("evenly", "first", "random")
+
+logger = logging.getLogger(__name__)
 
 
 class VideoError(ValueError):
@@ -91,35 +99,68 @@ def write_video(path, frames, fps: float = 16, quality: float = 5.0) -> None:
         raise _error(path, f"cannot write video ({_reason(exc)})") from exc
 
 
-def _float32_linspace_floor(stop: int, n: int) -> np.ndarray:
-    """torch.linspace(0, stop, n).long(): float32 values truncated.
-
-    torch's CPU kernels compute step·i (first half) and stop − step·(n−1−i) (second half) as fused
-    multiply-adds in float32; with an integer stop and a float32 step both are exact in float64, so
-    rounding the float64 values once to float32 reproduces them.
-    """
-    if n == 1:
-        return np.zeros(1, np.int64)
-    step = np.float64(np.float32(stop) / np.float32(n - 1))
-    i = np.arange(n)
-    exact = np.where(i < n // 2, step * i, stop - step * (n - 1 - i))
-    return exact.astype(np.float32).astype(np.int64)
-
-
-def select_frames(n_total: int, n: int, mode: str = "evenly") -> np.ndarray:
+def select_frames(n_total: int, n: int, mode: str = "evenly", rng: random.Random | None = None) -> np.ndarray:
     """Indices of the n frames the reference picks from a clip of n_total (int64).
 
     "evenly": floor(linspace(0, n_total − 1, n)) in float32, as the pipeline, the infer scripts and
     training do (float32 rounding makes a few indices differ from exact floor; repeats when n > n_total).
     "first": the first min(n, n_total) frames.
+    "random": n consecutive frames from start = rng.randint(0, n_total − n) (needs n_total >= n).
     """
     if n_total < 1 or n < 1:
         raise ValueError(f"select_frames: need n_total >= 1 and n >= 1, got {n_total} and {n}")
     if mode == "evenly":
-        return _float32_linspace_floor(n_total - 1, n)
+        return torch_linspace(0, n_total - 1, n).astype(np.int64)  # .long() truncates; values are >= 0
     if mode == "first":
         return np.arange(min(n, n_total))
-    raise ValueError(f"select_frames: unknown mode {mode!r} (use 'evenly' or 'first')")
+    if mode == "random":
+        if n_total < n:
+            raise ValueError(f"select_frames: 'random' needs at least {n} frames, got {n_total}")
+        start = (rng or random.Random(0)).randint(0, n_total - n)
+        return np.arange(start, start + n)
+    raise ValueError(f"select_frames: unknown mode {mode!r} (use one of {', '.join(FRAME_SELECTIONS)})")
+
+
+def select_reference_frames(lengths: Sequence[int], n: int, mode: str = "evenly", *, seed: int = 0,
+                            per_reference_length: bool = False) -> list[np.ndarray]:
+    """Frame indices for each of the reference videos (of `lengths` frames), as the official pipeline
+    picks them (spec §4.1, CPIPE:894-906).
+
+    "evenly": floor(linspace(0, L0 − 1, n)) over the FIRST reference's length L0, for every reference
+    (official; each reference then needs L0 frames). per_reference_length=True instead spaces each
+    reference over its own length (not the official behaviour). A reference shorter than n frames gets
+    repeated frames; a one-line note is logged.
+    "first": the first n frames of each (each needs n).
+    "random": each reference's n consecutive frames from start = randint(0, L − n), drawn in order from
+    random.Random(seed) (the official draws from Python's global `random`; each needs n).
+    Errors are one-line ValueErrors naming the reference.
+    """
+    check_reference_lengths(lengths, n, mode, per_reference_length)
+    if mode != "evenly":
+        rng = random.Random(seed)
+        return [select_frames(length, n, mode, rng) for length in lengths]
+    spans = list(lengths) if per_reference_length else [lengths[0]] * len(lengths)
+    for i in range(len(spans) if per_reference_length else 1):  # without it, all share the first's span
+        if spans[i] < n:
+            logger.warning("reference video %d has %d frames, fewer than %d: 'evenly' repeats frames", i, spans[i], n)
+    return [select_frames(span, n, "evenly") for span in spans]
+
+
+def check_reference_lengths(lengths: Sequence[int], n: int, mode: str = "evenly",
+                            per_reference_length: bool = False) -> None:
+    """The one-line ValueError `select_reference_frames` would raise for these reference lengths, if any."""
+    if mode not in FRAME_SELECTIONS:
+        raise ValueError(f"frames_selection={mode!r}: use one of {', '.join(FRAME_SELECTIONS)}")
+    for i, length in enumerate(lengths):
+        if length < 1:
+            raise ValueError(f"reference video {i} has no frames")
+        if mode != "evenly" and length < n:
+            raise ValueError(f"reference video {i} has {length} frames; frames_selection={mode!r} needs {n} "
+                             "('evenly' repeats frames of a short reference)")
+        if mode == "evenly" and not per_reference_length and length <= select_frames(lengths[0], n)[-1]:
+            raise ValueError(f"reference video {i} has {length} frames, but 'evenly' picks frames over the first "
+                             f"reference's {lengths[0]}, as the official pipeline (frames_per_reference_length=True "
+                             "spaces each reference over its own length)")
 
 
 def resample_fps(n: int, fps: float, target: float = 16) -> np.ndarray:

@@ -18,70 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from vapjax import video
 from vapjax.data.loader import EMPTY_TEXT, open_builder
-from vapjax.models import cogvideox_vae, t5
-from vapjax.tokenizer import T5Tokenizer
-
-MAX_LENGTH = 226
-
-
-class Encoders:
-    """A pipeline's VAE encoder and T5, jitted; a batch is split over the local devices when it divides."""
-
-    def __init__(self, vae_config: cogvideox_vae.VAEConfig, vae_params: Any, text_config: t5.T5Config,
-                 text_params: Any, tokenizer: T5Tokenizer, *, tiling: cogvideox_vae.Tiling | None = None,
-                 max_length: int = MAX_LENGTH):
-        self.vae_config, self.tokenizer, self.max_length = vae_config, tokenizer, max_length
-        self._mesh = Mesh(np.array(jax.local_devices()), ("batch",))
-        replicated = NamedSharding(self._mesh, PartitionSpec())
-        self._vae_params = jax.device_put(vae_params, replicated)
-        self._text_params = jax.device_put(text_params, replicated)
-        vae = cogvideox_vae.AutoencoderKLCogVideoX(vae_config, tiling)
-        encoder = t5.T5Encoder(text_config)
-        self._vae = jax.jit(lambda p, x: jnp.concatenate(vae.apply({"params": p}, x, method="encode"), axis=-1))
-        self._t5 = jax.jit(lambda p, ids: encoder.apply({"params": p}, ids))
-
-    @classmethod
-    def load(cls, pipeline: str, *, dtype: str | None = None, tiling: bool = False,
-             max_length: int = MAX_LENGTH) -> "Encoders":
-        """From a converted pipeline folder (vae/, text_encoder/, tokenizer/); `dtype` casts both models."""
-        from convert.cogvideox_vae import load_vae  # noqa: PLC0415
-        from convert.t5 import load_t5  # noqa: PLC0415
-        vcfg, vparams = load_vae(os.path.join(pipeline, "vae"), dtype=dtype)
-        tcfg, tparams = load_t5(os.path.join(pipeline, "text_encoder"), dtype=dtype)
-        tokenizer = T5Tokenizer.from_folder(os.path.join(pipeline, "tokenizer"))
-        return cls(vcfg, vparams, tcfg, tparams, tokenizer, max_length=max_length,
-                   tiling=cogvideox_vae.Tiling.default(vcfg) if tiling else None)
-
-    def _put(self, x: np.ndarray) -> jax.Array:
-        spec = PartitionSpec("batch") if len(x) % self._mesh.size == 0 else PartitionSpec()
-        return jax.device_put(x, NamedSharding(self._mesh, spec))
-
-    def encode_video(self, frames: np.ndarray) -> jax.Array:
-        """uint8 [B, F, H, W, 3] -> posterior mean ‖ logvar [B, f, h, w, 2C]."""
-        return self._vae(self._vae_params, self._put(video.to_model_range(frames)))
-
-    def encode_text(self, texts: Sequence[str]) -> jax.Array:
-        """[B, L, D], as CogVideoX: padded to L, no mask."""
-        return self._t5(self._text_params, self._put(self.tokenizer(list(texts), self.max_length)))
-
-    def output_shapes(self, frames: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        clip = lambda f: jax.ShapeDtypeStruct((1, f, height, width, 3), jnp.float32)
-        ids = jax.ShapeDtypeStruct((1, self.max_length), jnp.int32)
-        shapes = {"latent_dist": jax.eval_shape(self._vae, self._vae_params, clip(frames)),
-                  "image_dist": jax.eval_shape(self._vae, self._vae_params, clip(1)),
-                  "text": jax.eval_shape(self._t5, self._text_params, ids)}
-        return {k: tuple(s.shape[1:]) for k, s in shapes.items()}
+from vapjax.encoders import MAX_LENGTH, Encoders  # Encoders: also imported from here by train.py
 
 
 class VapLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):

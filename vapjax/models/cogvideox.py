@@ -24,7 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vapjax.numerics import torch_linspace
+from vapjax.sharding import constrain
+
 Array = jax.Array
+# Logical axes of the activations (vocabulary: vapjax.sharding.RULES); constraints are no-ops unless a
+# sharding context is active, and make splitting heads (tensor) or the joint sequence expressible.
+TOKENS = ("activation_batch", "activation_length", "activation_embed")                         # [B, S, D]
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")   # [B, S, N, Dh]
 
 # Fields of the official config.json that select features the shipped VAP/CogVideoX-1.0 models do
 # not use; we refuse them rather than silently compute something else.
@@ -111,6 +118,10 @@ class CogVideoXConfig:
         return cls(**d)
 
     def __post_init__(self):
+        # Expert slots are filled in layer order (the scan runs and the converter assume ascending).
+        object.__setattr__(self, "expert_layers", tuple(sorted(int(i) for i in self.expert_layers)))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
         bad = [i for i in self.expert_layers if not 0 <= i < self.num_layers]
         if bad or len(set(self.expert_layers)) != len(self.expert_layers):
             raise ValueError(f"expert_layers {self.expert_layers} must be distinct layers in [0, {self.num_layers})")
@@ -134,17 +145,6 @@ def timestep_features(t: Array, dim: int, flip_sin_to_cos: bool, freq_shift: flo
     return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
-def _linspace32(start: float, stop: float, n: int) -> np.ndarray:
-    """torch.linspace in float32: the first half steps up from `start`, the second half down from `stop`."""
-    if n == 1:
-        return np.array([start], np.float32)
-    step = np.float32((stop - start) / (n - 1))
-    i = np.arange(n)
-    lo = np.float32(start) + step * i.astype(np.float32)
-    hi = np.float32(stop) - step * (n - 1 - i).astype(np.float32)
-    return np.where(i < n // 2, lo, hi).astype(np.float32)
-
-
 def crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Where a (grid_h, grid_w) patch grid sits after an aspect-preserving resize into the base grid
     of the config's sample size (CPIPE:70-85). Positions of other sizes are interpolated into it."""
@@ -165,12 +165,12 @@ def rope_positions(cfg: CogVideoXConfig, frames: int, grid_h: int, grid_w: int,
     Spatial positions are the same for both streams."""
     base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
     (top, left), (bottom, right) = crop_region(grid_h, grid_w, base_h, base_w)
-    h = _linspace32(top, bottom * (grid_h - 1) / grid_h, grid_h)
-    w = _linspace32(left, right * (grid_w - 1) / grid_w, grid_w)
+    h = torch_linspace(top, bottom * (grid_h - 1) / grid_h, grid_h)
+    w = torch_linspace(left, right * (grid_w - 1) / grid_w, grid_w)
     if num_refs:
-        t = _linspace32(-num_refs * frames, -1, num_refs * frames)
+        t = torch_linspace(-num_refs * frames, -1, num_refs * frames)
     else:
-        t = _linspace32(0, frames * (frames - 1) / frames, frames)
+        t = torch_linspace(0, frames * (frames - 1) / frames, frames)
     return t, h, w
 
 
@@ -296,7 +296,8 @@ class FeedForward(nn.Module):
 
 def attention(q: Array, k: Array, v: Array, implementation: str | None) -> Array:
     """Full bidirectional softmax attention, [B, S, N, D], scale 1/√D."""
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    q, k, v = (constrain(a, HEADS) for a in (q, k, v))
+    return constrain(jax.nn.dot_product_attention(q, k, v, implementation=implementation), HEADS)
 
 
 class Block(nn.Module):
@@ -314,9 +315,10 @@ class Block(nn.Module):
         video_m, text_m, gate, t_gate = self.norm1(video, text, emb)
         q, k, v = self.attn.qkv(jnp.concatenate([text_m, video_m], axis=1))
         if rope is not None:  # video tokens only; text tokens get no rotation
+            # (concatenate, not `.at[:, s:].set`: XLA:CPU miscompiles the latter when heads are sharded)
             s = text.shape[1]
-            q = q.at[:, s:].set(apply_rope(q[:, s:], *rope))
-            k = k.at[:, s:].set(apply_rope(k[:, s:], *rope))
+            q = jnp.concatenate([q[:, :s], apply_rope(q[:, s:], *rope)], axis=1)
+            k = jnp.concatenate([k[:, :s], apply_rope(k[:, s:], *rope)], axis=1)
         return (q, k, v), (gate, t_gate)
 
     def finish(self, video: Array, text: Array, o: Array, gates, emb: Array):
@@ -493,6 +495,7 @@ class CogVideoXTransformer(nn.Module):
                 state, _ = jax.lax.scan(self._remat(body), state, (bb, ex))
             else:
                 def body(s, pb):  # the reference stream, if any, passes through unchanged
+                    s = tuple(constrain(x, TOKENS) for x in s)
                     return Block(c, parent=None).apply({"params": pb}, s[0], s[1], emb, rope) + s[2:], None
                 state, _ = jax.lax.scan(self._remat(body), state, bb)
 
@@ -539,7 +542,7 @@ def _joint_layer(cfg: CogVideoXConfig, p_backbone, p_expert, state, emb, emb_ref
     """An expert layer: each stream modulates and projects with its own weights, then one joint
     attention over [tgt_text, tgt_video, ref_text, ref_video], then each stream's own out-projection,
     residuals and FFN. The only interaction between the streams is this attention."""
-    video, text, ref_video, ref_text = state
+    video, text, ref_video, ref_text = (constrain(s, TOKENS) for s in state)
     block = Block(cfg, parent=None)  # applied functionally to sliced stacked params
     (q, k, v), gates = block.apply({"params": p_backbone}, video, text, emb, rope, method=Block.qkv)
     (qr, kr, vr), gates_r = block.apply({"params": p_expert}, ref_video, ref_text, emb_ref, rope_ref,

@@ -1,7 +1,8 @@
 """Video-As-Prompt generation with CogVideoX-I2V: image + reference video(s) + captions -> video.
 
 What the official `CogVideoXImageToVideoMOTPipeline` computes (spec §4.1, §5.1):
-1. Reference frames chosen "evenly" (floor(linspace)), every frame resized to the output size.
+1. Reference frames chosen "evenly": floor(linspace) over the FIRST reference's length for every
+   reference (repeating frames of a short one), or "first" / "random"; every frame resized.
 2. VAE encodes, each ×scaling_factor (0.7): the target image (one latent frame, zero-padded to the
    video's latent length) → the image condition; each reference video → its latents; each reference's
    first frame alone (zero-padded) → its first-frame condition. Expert input per reference:
@@ -11,7 +12,10 @@ What the official `CogVideoXImageToVideoMOTPipeline` computes (spec §4.1, §5.1
    half swaps BOTH the target caption and the reference captions for the negative prompt, and keeps
    the reference video. Optional dynamic CFG (the official formula, quirks included).
 5. Decode latents ÷ scaling_factor; frames = clip(x/2 + 1/2, 0, 1).
-Everything runs in JAX; the denoising loop is one `lax.scan` inside one `jit`.
+Everything runs in JAX; the denoising loop is one `lax.scan` inside one `jit`. Latents stay in the
+compute dtype: given ones are cast before the first step, and every step's result after it (CPIPE:1057).
+The VAE and T5 are the same `Encoders` the latent precompute uses; the conditioning inputs come from
+`vapjax.conditioning.cogvideox`, as in training. Intermediates go to an optional `recorder`.
 """
 from __future__ import annotations
 
@@ -25,17 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vapjax import checkpoint, sampling, video
-from vapjax.random_init import random_params
+from vapjax import checkpoint, conditioning, sampling, video
+from vapjax.encoders import Encoders
 from vapjax.models import cogvideox, cogvideox_vae, t5
+from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
+from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
-DEFAULT_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
-    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, "
-    "messy background, three legs, many people in the background, walking backwards")
 MAX_REFERENCES = 3
+
+# recorder(name, value): receives the run's intermediates (channels-last arrays), e.g. `dict.__setitem__`.
+Recorder = Callable[[str, Any], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +56,17 @@ class Request:
     guidance_scale: float = 6.0
     dynamic_cfg: bool = True
     max_sequence_length: int = 226
-    frames_selection: str = "evenly"   # or "first"
+    frames_selection: str = "evenly"   # "evenly", "first" or "random" (video.select_reference_frames)
+    # "evenly" over each reference's own length instead of the first reference's (NOT the official behaviour).
+    frames_per_reference_length: bool = False
     posterior: str = "sample"          # VAE encodes: "sample" (official) or "mode"
-    seed: int = 0
+    seed: int = 0                      # noise, posterior samples and "random" frame selection
 
 
 @dataclasses.dataclass
 class Output:
     frames: np.ndarray                 # float32 [F, H, W, 3] in [0, 1]
     latents: np.ndarray                # final latents [1, f, h, w, C]
-    trace: dict[str, np.ndarray] | None = None   # intermediates (record=True), channels-last
 
 
 @dataclasses.dataclass
@@ -74,16 +79,9 @@ class CogVideoXVAP:
     """The pipeline's components and its jitted stages. Build with `load(folder)` (a converted
     pipeline, see `python -m convert`) or `random(...)` (random weights, for demos and tests)."""
 
-    def __init__(self, transformer: Component, vae: Component, text_encoder: Component,
-                 tokenizer: T5Tokenizer, schedule: sampling.DDIMSchedule, tiling: cogvideox_vae.Tiling | None = None):
-        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.tokenizer, self.schedule = tokenizer, schedule
-        tcfg, vcfg, ecfg = transformer.config, vae.config, text_encoder.config
-        vae_model = cogvideox_vae.AutoencoderKLCogVideoX(vcfg, tiling)
-        self._encode_text = jax.jit(lambda p, ids: t5.T5Encoder(ecfg).apply({"params": p}, ids))
-        self._vae_encode = jax.jit(lambda p, x: vae_model.apply({"params": p}, x, method="encode"))
-        self._vae_decode = jax.jit(lambda p, z: vae_model.apply({"params": p}, z, method="decode"))
-        self._denoise = jax.jit(partial(_denoise, tcfg), static_argnames=("guided", "record", "progress"))
+    def __init__(self, transformer: Component, encoders: Encoders, schedule: sampling.DDIMSchedule):
+        self.transformer, self.encoders, self.schedule = transformer, encoders, schedule
+        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=("guided", "record", "progress"))
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -93,53 +91,33 @@ class CogVideoXVAP:
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets weights and compute of all
         models (default: as stored); `attention` picks the dot_product_attention implementation."""
         _require_pipeline_folder(path)
-        from convert.cogvideox import load_transformer  # noqa: PLC0415
-        from convert.cogvideox_vae import load_vae  # noqa: PLC0415
-        from convert.t5 import load_t5  # noqa: PLC0415
-        tcfg, tparams = load_transformer(os.path.join(path, "transformer"))
-        if dtype is not None:
-            tparams = jax.tree.map(lambda a: a.astype(dtype), tparams)
-            tcfg = tcfg.with_options(dtype=dtype, param_dtype=dtype)
-        tcfg = tcfg.with_options(attention=attention)
-        vcfg, vparams = load_vae(os.path.join(path, "vae"), dtype=dtype)
-        if dtype is not None:
-            vcfg = dataclasses.replace(vcfg, dtype=dtype)
-        ecfg, eparams = load_t5(os.path.join(path, "text_encoder"), dtype=dtype)
+        tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "cogvideox_transformer", dtype=dtype,
+                                        attention=attention)
+        encoders = Encoders.load(path, dtype=dtype, tiling=tiling, devices=jax.local_devices()[:1])
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = sampling.DDIMSchedule.from_config(json.load(f))
-        return cls(Component(tcfg, tparams), Component(vcfg, vparams), Component(ecfg, eparams),
-                   T5Tokenizer.from_folder(os.path.join(path, "tokenizer")), schedule,
-                   cogvideox_vae.Tiling.default(vcfg) if tiling else None)
+        return cls(Component(tcfg, tparams), encoders, schedule)
 
     @classmethod
     def random(cls, transformer: cogvideox.CogVideoXConfig, vae: cogvideox_vae.VAEConfig, text_encoder: t5.T5Config,
-               tokenizer: str, scheduler: dict, seed: int = 0) -> "CogVideoXVAP":
+               tokenizer: str, scheduler: dict, seed: int = 0, tiling: bool = False) -> "CogVideoXVAP":
         """Random weights (a demo that needs no download; outputs are noise-like, not meaningful)."""
         key = jax.random.PRNGKey(0)
-        init = lambda fn, cfg, i: random_params(jax.eval_shape(partial(fn, cfg), key), seed * 3 + i)
-        return cls(Component(transformer, init(cogvideox.init_params, transformer, 0)),
-                   Component(vae, init(cogvideox_vae.init_params, vae, 1)),
-                   Component(text_encoder, init(t5.init_params, text_encoder, 2)),
-                   T5Tokenizer.from_folder(tokenizer), sampling.DDIMSchedule.from_config(scheduler))
-
-    # -- stages ------------------------------------------------------------------------------------
-
-    def encode_text(self, texts: Sequence[str], length: int) -> tuple[np.ndarray, jax.Array]:
-        ids = self.tokenizer(list(texts), length)
-        return ids, self._encode_text(self.text_encoder.params, jnp.asarray(ids))
-
-    def encode_video(self, pixels: jax.Array, rng: jax.Array, posterior: str) -> jax.Array:
-        """pixels [B, F, H, W, 3] in [-1, 1] -> latents (a posterior sample or its mode), unscaled."""
-        post = self._vae_encode(self.vae.params, pixels)
-        return post.mode() if posterior == "mode" else post.sample(rng)
+        init = lambda fn, cfg, i: random_params(jax.eval_shape(partial(fn, cfg), key), seed * 3 + i)  # noqa: E731
+        encoders = Encoders(vae, init(cogvideox_vae.init_params, vae, 1), text_encoder,
+                            init(t5.init_params, text_encoder, 2), T5Tokenizer.from_folder(tokenizer),
+                            tiling=cogvideox_vae.Tiling.default(vae) if tiling else None,
+                            devices=jax.local_devices()[:1])
+        return cls(Component(transformer, init(cogvideox.init_params, transformer, 0)), encoders,
+                   sampling.DDIMSchedule.from_config(scheduler))
 
     # -- generation --------------------------------------------------------------------------------
 
     def validate(self, image: np.ndarray, ref_videos: Sequence[np.ndarray], req: Request) -> None:
         """One-line errors for requests the model cannot serve."""
-        c = self.transformer.config
-        ratio = self.vae.config.temporal_compression_ratio
-        spatial = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        c, vae = self.transformer.config, self.encoders.vae_config
+        ratio = vae.temporal_compression_ratio
+        spatial = 2 ** (len(vae.block_out_channels) - 1)
         if req.num_frames < 1 or (req.num_frames - 1) % ratio:
             raise ValueError(f"num_frames={req.num_frames}: must be {ratio}k+1 (e.g. 49)")
         unit = spatial * c.patch_size
@@ -159,94 +137,100 @@ class CogVideoXVAP:
         for i, v in enumerate(ref_videos):
             if v.ndim != 4 or v.shape[-1] != 3:
                 raise ValueError(f"reference video {i} must be [F, H, W, 3] RGB, got shape {v.shape}")
-            if len(v) < req.num_frames:
-                raise ValueError(f"reference video {i} has {len(v)} frames; {req.num_frames} are needed")
+        video.check_reference_lengths([len(v) for v in ref_videos], req.num_frames, req.frames_selection,
+                                      req.frames_per_reference_length)
         if req.posterior not in ("sample", "mode"):
             raise ValueError(f"posterior={req.posterior!r}: 'sample' or 'mode'")
 
     def __call__(self, image: np.ndarray, ref_videos: Sequence[np.ndarray], req: Request, *,
-                 latents: np.ndarray | None = None, record: bool = False,
+                 latents: np.ndarray | None = None, recorder: Recorder | None = None,
                  progress: Callable[[Any], None] | None = None) -> Output:
         """image uint8 [H, W, 3]; ref_videos: uint8 [F, H, W, 3] each; `latents` overrides the initial
-        noise [1, f, h, w, C]; `record` keeps every intermediate in `Output.trace`."""
+        noise [1, f, h, w, C]; `recorder(name, value)` is handed every intermediate."""
         self.validate(image, ref_videos, req)
-        tcfg = self.transformer.config
+        record = recorder or (lambda name, value: None)
+        tcfg, vae, enc = self.transformer.config, self.encoders.vae_config, self.encoders
         dtype = jnp.dtype(tcfg.dtype)
         n_ref, h, w, f = len(ref_videos), req.height, req.width, req.num_frames
 
-        # 1. Pixels: reference frames chosen over each reference's own length, resized, in [-1, 1].
-        px = lambda frames: jnp.asarray(video.to_model_range(video.resize(frames, h, w)))[None]
-        refs = [v[video.select_frames(len(v), f, req.frames_selection)] for v in ref_videos]
+        # 1. Reference frames (spec §4.1), every frame resized to the output size.
+        picks = video.select_reference_frames([len(v) for v in ref_videos], f, req.frames_selection, seed=req.seed,
+                                              per_reference_length=req.frames_per_reference_length)
+        refs = [v[ix] for v, ix in zip(ref_videos, picks)]
+        for i, ix in enumerate(picks):
+            record(f"reference_frames.{i}", ix)
 
-        # 2. Latents (×0.7). First-frame conditions are one latent frame, zero-padded to the video length.
+        # 2. VAE latents × scaling_factor: the target image, each reference clip and its first frame alone.
         k_noise, k_image, *k_refs = jax.random.split(jax.random.PRNGKey(req.seed), 2 + 2 * n_ref)
-        raw = {"image": self.encode_video(px(image[None]), k_image, req.posterior)}
-        for i, r in enumerate(refs):
-            raw[f"ref_video.{i}"] = self.encode_video(px(r), k_refs[2 * i], req.posterior)
-            raw[f"ref_first_frame.{i}"] = self.encode_video(px(r[:1]), k_refs[2 * i + 1], req.posterior)
-        scale = lambda z: (z * self.vae.config.scaling_factor).astype(dtype)
-        lf = (f - 1) // self.vae.config.temporal_compression_ratio + 1
-        pad = lambda z: jnp.pad(z, ((0, 0), (0, lf - z.shape[1]), (0, 0), (0, 0), (0, 0)))
-        image_latents = pad(scale(raw["image"]))
-        ref_latents = [scale(raw[f"ref_video.{i}"]) for i in range(n_ref)]
-        ref_first = [pad(scale(raw[f"ref_first_frame.{i}"])) for i in range(n_ref)]
-        ref_input = jnp.concatenate([jnp.concatenate([z, z0], -1) for z, z0 in zip(ref_latents, ref_first)], axis=1)
 
-        # 3. Text: [negative, prompt] for the target; per reference caption, concatenated on the sequence.
+        def encode(name, frames, key):
+            post = enc.posterior(video.resize(frames, h, w)[None])
+            z = post.mode() if req.posterior == "mode" else post.sample(key)
+            record(f"vae_encode.{name}", z)
+            return (z * vae.scaling_factor).astype(dtype)
+
+        image_latents = encode("image", image[None], k_image)
+        ref_latents = jnp.stack([encode(f"ref_video.{i}", r, k_refs[2 * i]) for i, r in enumerate(refs)], axis=1)
+        ref_first = jnp.stack([encode(f"ref_first_frame.{i}", r[:1], k_refs[2 * i + 1])
+                               for i, r in enumerate(refs)], axis=1)
+
+        # 3. Text: T5 of [negative, prompt, negative reference caption, reference captions] (padded to L).
         L = req.max_sequence_length
-        ids, emb = self.encode_text([req.negative_prompt, req.prompt, req.negative_ref_prompt, *req.ref_prompts], L)
-        emb = emb.astype(dtype)
-        neg, pos, neg_ref, pos_refs = emb[0:1], emb[1:2], emb[2:3], emb[3:]
-        ref_text_pos = pos_refs.reshape(1, n_ref * L, -1)
-        ref_text_neg = jnp.concatenate([neg_ref] * n_ref, axis=1)
+        ids = enc.tokenize([req.negative_prompt, req.prompt, req.negative_ref_prompt, *req.ref_prompts], L)
+        emb = enc.encode_ids(ids).astype(dtype)
+        neg, pos, neg_ref, pos_refs = emb[0:1], emb[1:2], emb[2:3], emb[3:][None]
 
+        # 4. Conditioning, one batch [uncond, cond] under guidance: the unconditional half swaps the target
+        # AND the reference captions for the negative ones and keeps the reference video.
         guided = req.guidance_scale > 1.0
-        if guided:  # one batch [uncond, cond]; the reference video is the same in both halves
-            text = jnp.concatenate([neg, pos])
-            ref_text = jnp.concatenate([ref_text_neg, ref_text_pos])
-            image_in, ref_in = jnp.concatenate([image_latents] * 2), jnp.concatenate([ref_input] * 2)
-        else:
-            text, ref_text, image_in, ref_in = pos, ref_text_pos, image_latents, ref_input
+        halves = [(neg, jnp.repeat(neg_ref[None], n_ref, axis=1)), (pos, pos_refs)] if guided else [(pos, pos_refs)]
+        batch = lambda z: jnp.concatenate([z] * len(halves))  # noqa: E731
+        cond = conditioning.cogvideox(batch(image_latents), batch(ref_latents), batch(ref_first),
+                                      jnp.concatenate([t for t, _ in halves]), jnp.concatenate([r for _, r in halves]))
 
-        # 4. Denoise.
+        # 5. Denoise, in the compute dtype from the first step on.
         steps = self.schedule.steps(req.steps)
         scales = np.array([sampling.dynamic_cfg_scale(req.guidance_scale, t, req.steps) if req.dynamic_cfg
                            else req.guidance_scale for t in steps.timestep], np.float64)
-        shape = (1, lf, h // 8, w // 8, tcfg.out_channels)
+        spatial = 2 ** (len(vae.block_out_channels) - 1)
+        shape = (1, cond["image"].shape[1], h // spatial, w // spatial, tcfg.out_channels)
         if latents is None:
             x = jax.random.normal(k_noise, shape, dtype)
         else:
             x = jnp.asarray(latents)
             if x.shape != shape:
                 raise ValueError(f"latents of shape {x.shape}, expected {shape}")
-        out = self._denoise(self.transformer.params, x, image_in, ref_in, text, ref_text, steps,
-                            jnp.asarray(scales, jnp.float32), guided=guided, record=record, progress=progress)
-        final, history = out if record else (out, None)
+            x = x.astype(dtype)
+        out = self._denoise(self.transformer.params, x, cond["image"], cond["ref_latents"], cond["text"],
+                            cond["ref_text"], steps, jnp.asarray(scales, jnp.float32), guided=guided,
+                            record=recorder is not None, progress=progress)
+        final, history = out if recorder is not None else (out, {})
 
-        # 5. Decode (latents × float32(1/0.7), as the reference multiplies by the Python float 1/0.7).
-        decode_input = final * np.float32(1 / self.vae.config.scaling_factor)
-        decoded = self._vae_decode(self.vae.params, decode_input)
+        # 6. Decode (latents × float32(1/0.7), as the reference multiplies by the Python float 1/0.7).
+        decode_input = final * np.float32(1 / vae.scaling_factor)
+        decoded = enc.decode(decode_input)
         frames = np.asarray(jnp.clip(decoded.astype(jnp.float32) * 0.5 + 0.5, 0, 1))[0]
-        trace = None
-        if record:
-            names = ("negative_prompt", "prompt", "negative_prompt_mot_ref")
-            trace = {f"input_ids.{n}": ids[i:i + 1] for i, n in enumerate(names)}
-            trace["input_ids.prompt_mot_ref"] = ids[3:]
-            trace.update(negative_prompt_embeds=neg, prompt_embeds=pos, negative_prompt_embeds_mot_ref=neg_ref,
-                         prompt_embeds_mot_ref=ref_text_pos, image_latents=image_latents,
-                         ref_video_latents=jnp.concatenate(ref_latents, 1),
-                         ref_video_image_latents=jnp.concatenate(ref_first, 1),
-                         latents_init=x, timesteps=steps.timestep, final_latents=final, vae_decode_input=decode_input,
-                         vae_decode_output=decoded, frames=frames[None],
-                         **{"transformer_in.encoder_hidden_states": text,
-                            "transformer_in.encoder_hidden_states_mot_ref": ref_text,
-                            "transformer_in.hidden_states_mot_ref": ref_in,
-                            "steps.guidance_scale": scales,
-                            "steps.timestep": np.repeat(steps.timestep[:, None], text.shape[0], 1)},
-                         **{f"vae_encode.{k}": v for k, v in raw.items()},
-                         **{f"steps.{k}": v for k, v in history.items()})
-            trace = {k: np.asarray(v) for k, v in trace.items()}
-        return Output(frames=frames, latents=np.asarray(final), trace=trace)
+
+        if recorder is not None:
+            c = vae.latent_channels
+            for name, value in {
+                "input_ids.negative_prompt": ids[0:1], "input_ids.prompt": ids[1:2],
+                "input_ids.negative_prompt_mot_ref": ids[2:3], "input_ids.prompt_mot_ref": ids[3:],
+                "negative_prompt_embeds": neg, "prompt_embeds": pos, "negative_prompt_embeds_mot_ref": neg_ref,
+                "prompt_embeds_mot_ref": cond["ref_text"][-1:], "image_latents": cond["image"][:1],
+                "ref_video_latents": cond["ref_latents"][:1, ..., :c],
+                "ref_video_image_latents": cond["ref_latents"][:1, ..., c:],
+                "transformer_in.encoder_hidden_states": cond["text"],
+                "transformer_in.encoder_hidden_states_mot_ref": cond["ref_text"],
+                "transformer_in.hidden_states_mot_ref": cond["ref_latents"],
+                "latents_init": x, "timesteps": steps.timestep, "steps.guidance_scale": scales,
+                "steps.timestep": np.repeat(steps.timestep[:, None], len(halves), 1),
+                **{f"steps.{k}": v for k, v in history.items()},
+                "final_latents": final, "vae_decode_input": decode_input, "vae_decode_output": decoded,
+                "frames": frames[None],
+            }.items():
+                record(name, np.asarray(value))
+        return Output(frames=frames, latents=np.asarray(final))
 
 
 def _denoise(cfg, params, latents, image_in, ref_in, text, ref_text, steps, scales, *, guided, record, progress):
@@ -260,7 +244,7 @@ def _denoise(cfg, params, latents, image_in, ref_in, text, ref_text, steps, scal
         out = sampling.guide(v[:1], v[1:], scales[i]) if guided else v
         return (out, {"noise_pred": v, "noise_pred_guided": out, "latent_model_input": xin}) if record else out
 
-    return sampling.sample_loop(denoise, latents, steps, progress=progress, record=record)
+    return sampling.sample_loop(denoise, latents, steps, dtype=jnp.dtype(cfg.dtype), progress=progress, record=record)
 
 
 def _require_pipeline_folder(path: str) -> None:

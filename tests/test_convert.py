@@ -1,0 +1,104 @@
+"""The converter's shared parts: the safetensors reader refuses hostile files, dispatch is a table,
+and every converter stores and records its dtype the same way."""
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import golden_dir
+from convert import __main__ as cli
+from convert.errors import ConversionError
+from convert.source import MAX_HEADER_BYTES, SafetensorsFile, TensorSource
+from vapjax import checkpoint
+
+
+def one_line_error(call, message):
+    with pytest.raises(ConversionError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("shard,message", [
+    ("../outside.safetensors", "points outside the checkpoint folder"),
+    ("sub/../../outside.safetensors", "points outside the checkpoint folder"),
+    ("/etc/passwd", "is not a relative file name"),
+    ("", "is not a relative file name"),
+])
+def test_index_shards_stay_inside_the_folder(tmp_path, shard, message):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, tmp_path / "outside.safetensors")  # exists, must not be read
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    one_line_error(lambda: TensorSource.open(str(folder), stem="model"), message)
+
+
+def test_index_shard_in_a_subfolder_is_fine(tmp_path):
+    (tmp_path / "sub").mkdir()
+    save_file({"w": np.arange(3, dtype=np.float32)}, tmp_path / "sub" / "a.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "sub/a.safetensors"}}))
+    np.testing.assert_array_equal(TensorSource.open(str(tmp_path), stem="model").load("w"), np.arange(3))
+
+
+def _raw_file(path, header_len: int, body: bytes):
+    path.write_bytes(struct.pack("<Q", header_len) + body)
+    return str(path)
+
+
+def test_header_length_is_bounded(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    ok = _raw_file(tmp_path / "ok.safetensors", len(header), header + b"\0" * 4)
+    assert SafetensorsFile(ok).load("w").tolist() == [0.0]
+    one_line_error(lambda: SafetensorsFile(_raw_file(tmp_path / "long.safetensors", len(header) + 100, header)),
+                   "exceeds the file")
+    huge = tmp_path / "huge.safetensors"  # a sparse file larger than the limit: the length alone is refused
+    with open(huge, "wb") as f:
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+        f.truncate(MAX_HEADER_BYTES + 64)
+    one_line_error(lambda: SafetensorsFile(str(huge)), "exceeds the 100 MB limit")
+
+
+@pytest.mark.parametrize("offsets", [[0, 8], [4, 2], [0, 2]])
+def test_byte_ranges_are_checked_before_reading(tmp_path, offsets):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}).encode()
+    path = _raw_file(tmp_path / "bad.safetensors", len(header), header + b"\0" * 4)
+    one_line_error(lambda: SafetensorsFile(path), "tensor 'w' has a bad byte range")
+
+
+def test_dispatch_is_a_table(tmp_path, monkeypatch):
+    """A new family's converter is one table entry; unknown classes and misplaced options are one line."""
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DMOTModel"}))
+    one_line_error(lambda: cli.convert_folder(str(tmp_path), str(tmp_path / "out")),
+                   "don't know how to convert a 'WanTransformer3DMOTModel' (known: CogVideoXTransformer3D*")
+    calls = []
+    monkeypatch.setitem(cli.MODELS, "WanTransformer3D*",
+                        cli.Converter(lambda src, dst, **kw: calls.append((src, dst, kw)), expert_options=True))
+    assert cli.convert_folder(str(tmp_path), "out", expert_layers=(0, 1)) == "WanTransformer3DMOTModel"
+    assert calls == [(str(tmp_path), "out", dict(dtype=None, init_expert=None, expert_layers=(0, 1)))]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5EncoderModel"]}))
+    one_line_error(lambda: cli.convert_folder(str(tmp_path), "out", init_expert="copy"),
+                   "--init-expert/--expert-layers apply to a transformer, not a 'T5EncoderModel'")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoMOTPipeline"}))
+    one_line_error(lambda: cli.convert_folder(str(tmp_path), "out"),
+                   "don't know how to convert a 'WanImageToVideoMOTPipeline'")
+
+
+def test_vae_follows_the_one_storage_dtype_rule(tmp_path):
+    """Like the transformer and T5: a bf16 checkpoint stays bf16 and the stored dtype is recorded as
+    both compute and parameter dtype, so `checkpoint.load` returns a consistent config."""
+    src = golden_dir() / "cog_pipeline_tiny" / "vae"
+    (tmp_path / "src").mkdir()
+    sd = load_file(src / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}, tmp_path / "src" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "src" / "config.json").write_text((src / "config.json").read_text())
+    assert cli.convert_folder(str(tmp_path / "src"), str(tmp_path / "out")) == "AutoencoderKLCogVideoX"
+    cfg, params = checkpoint.load(str(tmp_path / "out"), "cogvideox_vae")
+    assert cfg.dtype == cfg.param_dtype == "bfloat16"
+    assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    cli.convert_folder(str(src), str(tmp_path / "out32"))
+    cfg32, _ = checkpoint.load(str(tmp_path / "out32"), "cogvideox_vae")
+    assert cfg32.dtype == cfg32.param_dtype == "float32"
