@@ -17,7 +17,7 @@ from jax.sharding import AbstractMesh
 from configs import cog_vap_tiny
 from conftest import ROOT
 from vapjax import checkpoint, families, sharding
-from vapjax.models import cogvideox, cogvideox_vae, t5
+from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan_vae
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
 from vapjax.random_init import random_params
 from vapjax.tree import flatten
@@ -41,11 +41,14 @@ def tiny_configs() -> dict:
     m = cog_vap_tiny.get_config().model
     return {"cogvideox_transformer": cogvideox.CogVideoXConfig(**m.transformer.to_dict()),
             "cogvideox_vae": cogvideox_vae.VAEConfig(**m.vae.to_dict()),
-            "t5_encoder": t5.T5Config(**m.text_encoder.to_dict())}
+            "t5_encoder": t5.T5Config(**m.text_encoder.to_dict()),
+            "wan_vae": wan_vae.VAEConfig(base_dim=8, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,)),
+            "clip_vision": clip.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                                                 patch_size=4, image_size=16)}
 
 
 INIT = {"cogvideox_transformer": cogvideox.init_params, "cogvideox_vae": cogvideox_vae.init_params,
-        "t5_encoder": t5.init_params}
+        "t5_encoder": t5.init_params, "wan_vae": wan_vae.init_params, "clip_vision": clip.init_params}
 
 
 @pytest.mark.parametrize("kind", list(checkpoint.KINDS))
