@@ -13,16 +13,14 @@ from typing import Any, Callable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from convert.cogvideox import _default_dtype
-from convert.core import IDENTITY, LINEAR, Path, Rule, Transform, assemble, check, conv_as_linear, flatten_leading
+from convert.core import (IDENTITY, LINEAR, Path, Rule, Transform, assemble, check, conv_as_linear,
+                          flatten_leading, storage_dtype)
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
 from vapjax import checkpoint
 from vapjax.models.wan import WanConfig, param_shapes
 from vapjax.tree import flatten as flatten_tree
 from vapjax.tree import merge
-
-KIND = "wan_transformer"
 
 # Our module path (inside a stream) -> the official module path, longest prefix first.
 _MODULES = [
@@ -97,13 +95,17 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
       or, for a stock checkpoint, there is none. init_expert="copy": a stock checkpoint gets an expert
       on `expert_layers` initialised as copies of the backbone. Returns (config, params); writes a
       vapjax checkpoint to `dst` if given. `dtype`: storage dtype (default: bf16 for a bf16
-      checkpoint, else fp32); the fp32 islands of the official bf16 inference (time embedders,
-      backbone modulation tables and cross-attention norms, image-embedder norms) stay float32,
-      read from the source at its own precision. `put(path, array)` places arrays (e.g. onto a sharding)."""
+      checkpoint, else fp32), recorded as the config's `dtype` and `param_dtype`; the fp32 islands of
+      the official bf16 inference (time embedders, backbone modulation tables and cross-attention
+      norms, image-embedder norms) stay float32, read from the source at its own precision (loading
+      with `checkpoint.load(..., dtype=...)` casts them too, by the house dtype contract).
+      `put(path, array)` places arrays (e.g. onto a sharding)."""
     d = read_config(src)
     try:
         cfg = WanConfig.from_diffusers(d)
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
+        raise ConversionError(f"{src}/config.json: missing field {e}") from None
+    except ValueError as e:
         raise ConversionError(f"{src}/config.json: {e}") from None
     source = TensorSource.open(src)
     shapes = source_shapes(source)
@@ -123,11 +125,11 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
     targets = target_shapes(cfg)
     rs = rules(cfg, targets, expert_from_backbone=init_expert == "copy")
     check(shapes, rs, targets, what=src)
-    if dtype is None:
-        dtype = _default_dtype(source, list(shapes))
+    dtype = storage_dtype(map(source.dtype, shapes), dtype)
+    cfg = cfg.with_options(dtype=dtype.name, param_dtype=dtype.name)
     # Which parameters the model keeps in float32 whatever the storage dtype: ask the model itself.
-    kinds = flatten_tree(param_shapes(cfg.with_options(param_dtype=jnp.dtype(dtype).name)))
-    island = {p for p, s in kinds.items() if s.dtype == jnp.float32 and jnp.dtype(dtype) != jnp.float32}
+    island = ({p for p, s in flatten_tree(param_shapes(cfg)).items() if s.dtype == jnp.float32}
+              if dtype != np.float32 else set())
     parts = []
     for keep_fp32 in (False, True):
         sub = {p: s for p, s in targets.items() if (p in island) == keep_fp32}
@@ -136,11 +138,5 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
                                   dtype=np.float32 if keep_fp32 else dtype, put=put))
     params = merge(*parts)
     if dst is not None:
-        checkpoint.save(dst, params, KIND, cfg.to_dict())
+        checkpoint.save(dst, params, cfg)
     return cfg, params
-
-
-def load_transformer(path: str, **options):
-    """(config, params) of a converted transformer; `options` override run options (dtype, attention, remat)."""
-    params, d = checkpoint.load(path, KIND)
-    return WanConfig.from_dict(d).with_options(**options), params

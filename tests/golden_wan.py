@@ -1,13 +1,12 @@
 """Wan golden cases (official WanTransformer3DMOTModel on tiny random models): convert the case's
 checkpoint with our converter, run our forward on the recorded inputs. Used by test_wan.py (and by
 test_golden.py's per-kind dispatch)."""
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
+from conftest import golden_meta
 from convert.wan import convert_transformer
 from vapjax.models import wan
 
@@ -22,11 +21,9 @@ def channels_last(x):
 def run_wan_case(case, dtype=jnp.float32):
     """Convert, run in `dtype` (weights and compute; fp32 islands stay fp32), return
     (cfg, meta, inputs, our output, expected) with both outputs float32 [B, F, H, W, C]."""
-    meta = json.loads((case / "case.json").read_text())
+    meta = golden_meta(case)
     assert meta["model"] == MODEL and meta["num_mot_ref"] == 1, f"{case.name}: not a one-reference {MODEL} case"
-    cfg, params = convert_transformer(str(case), dtype=dtype)
-    name = jnp.dtype(dtype).name
-    cfg = cfg.with_options(dtype=name, param_dtype=name)
+    cfg, params = convert_transformer(str(case), dtype=dtype)   # records dtype as the compute dtype
     inp = load_file(case / "inputs.safetensors")
     x = lambda a: jnp.asarray(a, dtype)
     fwd = jax.jit(lambda p, *a: wan.WanTransformer(cfg).apply({"params": p}, *a))

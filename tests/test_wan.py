@@ -18,8 +18,9 @@ from safetensors.numpy import load_file, save_file
 from conftest import golden_dir, rel_err
 from convert.core import check
 from convert.errors import ConversionError
-from convert.wan import convert_transformer, load_transformer, rules, target_shapes
+from convert.wan import convert_transformer, rules, target_shapes
 from golden_wan import run_wan_case
+from vapjax import checkpoint
 from vapjax.models import wan
 
 GOLDEN = ("wan_mot_1ref", "wan_mot_b2")
@@ -265,9 +266,10 @@ def test_init_expert_copy_bf16_islands_and_roundtrip(tmp_path):
     }
     np.testing.assert_array_equal(bb["blocks"]["scale_shift_table"][1],
                                   model.blocks[1].scale_shift_table.detach().numpy()[0])  # not bf16-rounded
-    cfg2, params2 = load_transformer(str(dst))
-    assert cfg2 == cfg
+    cfg2, params2 = checkpoint.load(str(dst), "wan_transformer")  # as stored: bf16 with fp32 islands
+    assert cfg2 == cfg and (cfg.dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+    jax.tree.map(lambda a, b: np.testing.assert_equal(a.dtype, b.dtype), params2, params)
 
 
 def _flat(tree, prefix=()):
@@ -282,7 +284,7 @@ def test_convert_cli_dispatch(tmp_path):
     from convert.__main__ import convert_folder  # noqa: PLC0415
     case = _case("wan_mot_b2")
     assert convert_folder(str(case), str(tmp_path / "out")) == "WanTransformer3DMOTModel"
-    cfg, _ = load_transformer(str(tmp_path / "out"))
+    cfg, _ = checkpoint.load(str(tmp_path / "out"), "wan_transformer")
     assert cfg.expert_layers == (1,)
 
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vapjax.models.cogvideox import attention, layer_runs, timestep_features
+from vapjax.models.cogvideox import TOKENS, attention, layer_runs, timestep_features
+from vapjax.sharding import constrain
 
 Array = jax.Array
 
@@ -114,12 +115,14 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "WanConfig":
-        d = dict(d)
-        d["expert_layers"] = tuple(d["expert_layers"])
-        d["patch_size"] = tuple(d["patch_size"])
         return cls(**d)
 
     def __post_init__(self):
+        # Expert slots are filled in layer order (the layer plan and the converter assume ascending).
+        object.__setattr__(self, "expert_layers", tuple(sorted(int(i) for i in self.expert_layers)))
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
         bad = [i for i in self.expert_layers if not 0 <= i < self.num_layers]
         if bad or len(set(self.expert_layers)) != len(self.expert_layers):
             raise ValueError(f"expert_layers {self.expert_layers} must be distinct layers in [0, {self.num_layers})")
@@ -515,6 +518,7 @@ class WanTransformer(nn.Module):
                   per_repeat(self.expert.blocks, n_expert) if n_expert else None)
 
         def plain(s, p):  # the reference stream, if any, passes through unchanged
+            s = tuple(constrain(x, TOKENS) for x in s)
             return (Block(c, parent=None).apply({"params": p}, s[0], *cond),) + s[1:]
 
         def joint(s, p):
@@ -599,7 +603,7 @@ def _joint_layer(cfg: WanConfig, p_backbone, p_expert, state, cond, cond_ref):
     """An expert layer: each stream modulates and projects with its own weights, one joint
     self-attention over [target video ; reference video], then each stream's own output projection,
     gated residual, cross-attention to its own context and FFN (WAN:603-697)."""
-    video, ref = state
+    video, ref = (constrain(s, TOKENS) for s in state)
     temb_proj, rope, context = cond
     temb_proj_r, rope_r, context_r = cond_ref
     backbone, expert = Block(cfg, parent=None), Block(cfg, expert=True, parent=None)
