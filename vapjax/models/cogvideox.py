@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vapjax.attention import IMPLEMENTATIONS, attention
+
 Array = jax.Array
 
 # Fields of the official config.json that select features the shipped VAP/CogVideoX-1.0 models do
@@ -64,7 +66,7 @@ class CogVideoXConfig:
     # Run options (not architecture).
     dtype: str = "float32"           # compute dtype; norms statistics, RoPE and timestep features stay fp32
     param_dtype: str = "float32"
-    attention: str | None = None     # jax.nn.dot_product_attention implementation: None | "xla" | "cudnn"
+    attention: str | None = None     # vapjax.attention implementation: None (auto) | "xla" | "cudnn" | "blockwise"
     remat: str = "none"              # per-layer rematerialisation: "none" | "full" | "dots"
 
     @property
@@ -118,6 +120,8 @@ class CogVideoXConfig:
             raise ValueError("a learned position table without rotary embeddings does not exist in CogVideoX")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        if self.attention not in (None, *IMPLEMENTATIONS):
+            raise ValueError(f"attention={self.attention!r}: expected None, {', '.join(map(repr, IMPLEMENTATIONS))}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,11 +296,6 @@ class FeedForward(nn.Module):
     def __call__(self, x: Array) -> Array:
         h = nn.gelu(_dense(self.cfg, 4 * self.cfg.dim, "proj_in")(x), approximate=True)
         return _dense(self.cfg, self.cfg.dim, "proj_out")(h)
-
-
-def attention(q: Array, k: Array, v: Array, implementation: str | None) -> Array:
-    """Full bidirectional softmax attention, [B, S, N, D], scale 1/√D."""
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 class Block(nn.Module):
