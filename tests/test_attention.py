@@ -10,13 +10,14 @@ import pytest
 
 from conftest import golden_cases, rel_err
 from vapjax import attention as attn
-from vapjax.attention import attention, blockwise_attention, choose
+from vapjax.attention import Tiling, attention, blockwise_attention, choose
 from vapjax.models import cogvideox
 
-# (batch, S_q, S_k, heads, head dim, key block): tails shorter than a block, S_k an exact multiple,
-# S_k below one block, cross-attention both ways.
-SHAPES = [(2, 37, 37, 3, 16, 16), (1, 64, 64, 2, 8, 16), (2, 29, 53, 2, 16, 16), (3, 70, 20, 2, 8, 32),
-          (2, 40, 5, 1, 8, 16)]
+# (batch, S_q, S_k, heads, head dim, tiling): key and query tails shorter than a block, exact multiples,
+# S_k below one key block, one query block for all, cross-attention both ways, heads mapped and vmapped.
+SHAPES = [(2, 37, 37, 3, 16, Tiling(16, 16)), (1, 64, 64, 2, 8, Tiling(16, 16, heads_at_once=True)),
+          (2, 29, 53, 2, 16, Tiling(8, 16)), (3, 70, 20, 2, 8, Tiling(100, 32, heads_at_once=True)),
+          (2, 40, 5, 1, 8, Tiling(16, 16))]
 
 
 def _qkv(b, sq, sk, n, d, dtype=jnp.float32, seed=0):
@@ -34,14 +35,14 @@ def _value_and_grads(f, q, k, v, w):
     return out, pull(w)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_Sq{}_Sk{}_N{}_D{}_blk{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_Sq{}_Sk{}_N{}_D{}_{}".format(*s[:5], s[5].key_block))
 def test_blockwise_matches_plain(shape):
-    *dims, block = shape
+    *dims, tiling = shape
     q, k, v = _qkv(*dims)
     w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
     scale = 1 / np.sqrt(dims[-1])
     (out, grads), (want, want_grads) = jax.jit(lambda *x: (
-        _value_and_grads(lambda *y: blockwise_attention(*y, scale, block), *x),
+        _value_and_grads(lambda *y: blockwise_attention(*y, scale, tiling), *x),
         _value_and_grads(_plain, *x)))(q, k, v, w)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, want) <= 1e-6
@@ -62,7 +63,7 @@ def test_entry_point_paths_and_scale():
 
 def test_blockwise_bf16_accumulates_in_fp32():
     q, k, v = _qkv(2, 37, 53, 2, 16, dtype=jnp.bfloat16)
-    out, want = jax.jit(lambda *x: (blockwise_attention(*x, 0.25, 16),
+    out, want = jax.jit(lambda *x: (blockwise_attention(*x, 0.25, Tiling(16, 16)),
                                     _plain(*(a.astype(jnp.float32) for a in x))))(q, k, v)
     assert out.dtype == jnp.bfloat16
     # bf16 inputs, fp32 softmax statistics: bf16-rounding-level error (≈ 4e-3), not the ~1e-1 of a bf16 running sum
@@ -74,7 +75,7 @@ def test_blockwise_backward_never_holds_the_score_matrix():
     whole [S_q, S_k] matrix again; the custom VJP keeps only the output and the log-sum-exp."""
     b, s, n, d = 1, 512, 2, 8
     q, k, v = _qkv(b, s, s, n, d)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda q, k, v: blockwise_attention(q, k, v, 0.3, 64).sum(), (0, 1, 2)))(q, k, v)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda q, k, v: blockwise_attention(q, k, v, 0.3, Tiling(128, 64)).sum(), (0, 1, 2)))(q, k, v)
 
     def sizes(jx):
         for eqn in jx.eqns:
@@ -128,10 +129,10 @@ CASE = [c for c in golden_cases() if c.name == "cog_mot_1ref"]
 
 
 def test_golden_forward_blockwise(monkeypatch):
-    """The official cog_mot_1ref forward with every attention call blockwise, in key blocks of 16 (several
-    blocks and a tail). fp32 relative error ≤ 1e-5, as test_golden."""
+    """The official cog_mot_1ref forward with every attention call blockwise, in tiles of 16 × 16 (several
+    blocks and tails both ways). fp32 relative error ≤ 1e-5, as test_golden."""
     from test_golden import run_transformer_case  # noqa: PLC0415
     assert CASE, "golden case cog_mot_1ref not found (set VAPJAX_GOLDEN_DIR)"
-    monkeypatch.setattr(attn, "KEY_BLOCK", 16)
+    monkeypatch.setitem(attn.TILINGS, "cpu", Tiling(16, 16))
     *_, out, want = run_transformer_case(CASE[0], attention="blockwise")
     assert rel_err(out, want) <= 1e-5
