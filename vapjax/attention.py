@@ -45,14 +45,19 @@ def attention(q: Array, k: Array, v: Array, implementation: str | None = None, *
     """softmax(scale · Q Kᵀ) V per head; q [B, S_q, N, D], k and v [B, S_k, N, D]; scale defaults to 1/√D.
     `implementation`: None picks one (see `choose`), or "xla" | "cudnn" | "blockwise"."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend, compute_capability = _platform()
-    if implementation is None:
-        implementation = choose(q.shape, k.shape, q.dtype, backend, compute_capability)
+    implementation = resolve(implementation, q.shape, k.shape, q.dtype)
     if implementation == "blockwise":
-        return blockwise_attention(q, k, v, scale, TILINGS["cpu" if backend == "cpu" else "accelerator"])
-    if implementation in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
-    raise ValueError(f"attention implementation {implementation!r}: expected None, 'xla', 'cudnn' or 'blockwise'")
+        return blockwise_attention(q, k, v, scale, TILINGS["cpu" if jax.default_backend() == "cpu" else "accelerator"])
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+
+def resolve(implementation: str | None, q_shape, k_shape, dtype) -> str:
+    """The implementation `attention` runs here: `implementation` itself, or for None the automatic choice."""
+    if implementation is None:
+        return choose(q_shape, k_shape, dtype, *_platform())
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected None, 'xla', 'cudnn' or 'blockwise'")
+    return implementation
 
 
 def choose(q_shape, k_shape, dtype, backend: str, compute_capability: str | None = None) -> str:
