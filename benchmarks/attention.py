@@ -41,10 +41,8 @@ def main():
     scale = 1 / np.sqrt(d)
 
     def timed_jax(f):
-        if args.grad:
-            f = jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
-        f = jax.jit(f)
-        return lambda: jax.block_until_ready(f(q, k, v))
+        g = jax.jit(jax.grad(lambda *x: f(*x).astype(jnp.float32).sum(), (0, 1, 2)) if args.grad else f)
+        return lambda: jax.block_until_ready(g(q, k, v))
 
     contenders = {f"blockwise/{t}": timed_jax(functools.partial(_blockwise, scale=scale, tiling=_tiling(t)))
                   for t in args.tilings}
