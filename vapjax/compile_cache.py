@@ -5,7 +5,9 @@ same shapes loads its executables from disk instead of compiling them again.
     compile_cache.enable()          # first thing in main(), before anything is jitted
 
 The folder is $XDG_CACHE_HOME/vapjax/jax (default ~/.cache/vapjax/jax); VAPJAX_NO_COMPILE_CACHE=1
-turns it off. Only compilations of ≥ 0.5 s are stored: small ones cost less to redo than to look up.
+turns it off. Compilations of ≥ 0.1 s are stored: on the tiny sample.py run that keeps 21 entries
+(0.4 MB) and brings a second run from ~43 s to ~14 s wall; a 0.5 s bar missed the model set-up jits
+(~25 s), no bar at all stored 81 entries for no further gain (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import warnings
 import jax
 
 OPT_OUT = "VAPJAX_NO_COMPILE_CACHE"
-MIN_COMPILE_SECS = 0.5
+MIN_COMPILE_SECS = 0.1
 
 
 def default_dir() -> str:
