@@ -51,7 +51,7 @@ def test_blockwise_matches_plain(shape):
 
 
 def test_entry_point_paths_and_scale():
-    q, k, v = _qkv(2, 40, 1100, 2, 8)        # S_k ≥ BLOCKWISE_MIN_KEYS: auto is blockwise on CPU, with a tail
+    q, k, v = _qkv(2, 40, 600, 2, 8)         # S_k ≥ 512: auto is blockwise on CPU, with a key tail
     outs = jax.jit(lambda q, k, v: [_plain(q, k, v), *(attention(q, k, v, i) for i in (None, "xla", "blockwise")),
                                     attention(q, k, v, "blockwise", scale=0.3),
                                     jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")])(q, k, v)
@@ -104,8 +104,9 @@ CHOICES = [
     ("gpu", "7.0", jnp.bfloat16, 64, 35000, "blockwise"),   # pre-Ampere: no flash kernel
     ("gpu", "gfx90a", jnp.bfloat16, 64, 35000, "blockwise"),  # ROCm: no cuDNN
     ("cpu", None, jnp.bfloat16, 64, 35000, "blockwise"),
-    ("cpu", None, jnp.float32, 64, attn.BLOCKWISE_MIN_KEYS, "blockwise"),
-    ("cpu", None, jnp.float32, 64, attn.BLOCKWISE_MIN_KEYS - 1, "xla"),
+    ("gpu", "9.0", jnp.float32, 64, 4095, "xla"),
+    ("cpu", None, jnp.float32, 64, 512, "blockwise"),
+    ("cpu", None, jnp.float32, 64, 511, "xla"),
     ("tpu", None, jnp.bfloat16, 128, 35000, "blockwise"),
 ]
 
