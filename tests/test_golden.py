@@ -42,12 +42,12 @@ def channels_last(x):
 # ---------------------------------------------------------------------------------------------------
 # CogVideoX-VAP transformer cases
 
-def run_transformer_case(case, dtype=jnp.float32):
-    """Convert the case's checkpoint, run our forward in `dtype` (weights and compute)."""
+def run_transformer_case(case, dtype=jnp.float32, **options):
+    """Convert the case's checkpoint, run our forward in `dtype` (weights and compute) with run `options`."""
     meta = golden_meta(case)
     cfg, params = convert_transformer(str(case), dtype=dtype)
     name = jnp.dtype(dtype).name
-    cfg = cfg.with_options(dtype=name, param_dtype=name)
+    cfg = cfg.with_options(dtype=name, param_dtype=name, **options)
     inp = load_file(case / "inputs.safetensors")
     x = lambda a: jnp.asarray(a, dtype)
     out = cogvideox.CogVideoXTransformer(cfg).apply(
