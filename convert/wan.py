@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from convert.cogvideox import _default_dtype
-from convert.core import IDENTITY, LINEAR, Path, Rule, Transform, assemble, check, conv_as_linear, flatten_leading
+from convert.core import (IDENTITY, LINEAR, Path, Rule, Transform, assemble, check, conv_as_linear, flatten_leading,
+                          storage_dtype)
 from convert.errors import ConversionError
 from convert.source import TensorSource, read_config
 from vapjax import checkpoint
@@ -123,8 +123,8 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
     targets = target_shapes(cfg)
     rs = rules(cfg, targets, expert_from_backbone=init_expert == "copy")
     check(shapes, rs, targets, what=src)
-    if dtype is None:
-        dtype = _default_dtype(source, list(shapes))
+    dtype = storage_dtype(map(source.dtype, shapes), dtype)
+    cfg = cfg.with_options(dtype=dtype.name, param_dtype=dtype.name)
     # Which parameters the model keeps in float32 whatever the storage dtype: ask the model itself.
     kinds = flatten_tree(param_shapes(cfg.with_options(param_dtype=jnp.dtype(dtype).name)))
     island = {p for p, s in kinds.items() if s.dtype == jnp.float32 and jnp.dtype(dtype) != jnp.float32}
@@ -136,11 +136,11 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
                                   dtype=np.float32 if keep_fp32 else dtype, put=put))
     params = merge(*parts)
     if dst is not None:
-        checkpoint.save(dst, params, KIND, cfg.to_dict())
+        checkpoint.save(dst, params, cfg)
     return cfg, params
 
 
 def load_transformer(path: str, **options):
     """(config, params) of a converted transformer; `options` override run options (dtype, attention, remat)."""
-    params, d = checkpoint.load(path, KIND)
-    return WanConfig.from_dict(d).with_options(**options), params
+    cfg, params = checkpoint.load(path, KIND)
+    return cfg.with_options(**options), params

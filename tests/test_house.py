@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from configs import cog_vap_tiny
+from configs import cog_vap_tiny, wan_vap_tiny
 from conftest import ROOT
 from vapjax import checkpoint, families, sharding
-from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan_vae
+from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
+from vapjax.pipelines.wan_vap import WanVAP
 from vapjax.random_init import random_params
 from vapjax.tree import flatten
 
@@ -44,11 +45,13 @@ def tiny_configs() -> dict:
             "t5_encoder": t5.T5Config(**m.text_encoder.to_dict()),
             "wan_vae": wan_vae.VAEConfig(base_dim=8, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,)),
             "clip_vision": clip.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-                                                 patch_size=4, image_size=16)}
+                                                 patch_size=4, image_size=16),
+            "wan_transformer": wan.WanConfig(**wan_vap_tiny.get_config().model.transformer.to_dict())}
 
 
 INIT = {"cogvideox_transformer": cogvideox.init_params, "cogvideox_vae": cogvideox_vae.init_params,
-        "t5_encoder": t5.init_params, "wan_vae": wan_vae.init_params, "clip_vision": clip.init_params}
+        "t5_encoder": t5.init_params, "wan_vae": wan_vae.init_params, "clip_vision": clip.init_params,
+        "wan_transformer": wan.init_params}
 
 
 @pytest.mark.parametrize("kind", list(checkpoint.KINDS))
@@ -73,7 +76,7 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     checkpoint.save(str(tmp_path), random_params(jax.eval_shape(lambda: t5.init_params(cfg, jax.random.key(0))), 0), cfg)
     for call, message in [
         (lambda: checkpoint.load(str(tmp_path), "cogvideox_vae"), "holds a 't5_encoder', expected a 'cogvideox_vae'"),
-        (lambda: checkpoint.load(str(tmp_path), "wan_transformer"), "unknown checkpoint kind 'wan_transformer'"),
+        (lambda: checkpoint.load(str(tmp_path), "hunyuan_transformer"), "unknown checkpoint kind 'hunyuan_transformer'"),
         (lambda: checkpoint.load(str(tmp_path), "t5_encoder", attention="xla"), "cannot apply ['attention']"),
         (lambda: checkpoint.load(str(tmp_path / "nope"), "t5_encoder"), "no such checkpoint folder"),
         (lambda: checkpoint.save(str(tmp_path / "x"), {}, object()), "no checkpoint kind for a object"),
@@ -88,14 +91,19 @@ def test_checkpoint_errors_are_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_families_registry(tmp_path):
-    fam = families.get("cogvideox")
-    assert fam.pipeline is CogVideoXVAP and fam.transformer_kind in checkpoint.KINDS
-    with pytest.raises(ValueError, match="unknown model family 'wan' \\(known: cogvideox\\)"):
-        families.get("wan")
-    cfg = tiny_configs()["cogvideox_transformer"]
-    checkpoint.save(str(tmp_path / "transformer"), random_params(cogvideox.param_shapes(cfg), 0), cfg)
-    (tmp_path / "pipeline.json").write_text("{}")
-    assert families.of_checkpoint(str(tmp_path)) == families.of_checkpoint(str(tmp_path / "transformer")) == "cogvideox"
+    for name, pipeline, kind in [("cogvideox", CogVideoXVAP, "cogvideox_transformer"), ("wan", WanVAP, "wan_transformer")]:
+        fam = families.get(name)
+        assert fam.pipeline is pipeline and fam.transformer_kind == kind and kind in checkpoint.KINDS
+    with pytest.raises(ValueError, match="unknown model family 'hunyuan' \\(known: cogvideox, wan\\)"):
+        families.get("hunyuan")
+    for name, cfg, init in [("cogvideox", tiny_configs()["cogvideox_transformer"], cogvideox.param_shapes),
+                            ("wan", tiny_configs()["wan_transformer"], wan.param_shapes)]:
+        checkpoint.save(str(tmp_path / name / "transformer"), random_params(init(cfg), 0), cfg)
+        (tmp_path / name / "pipeline.json").write_text("{}")
+        assert families.of_checkpoint(str(tmp_path / name)) == families.of_checkpoint(
+            str(tmp_path / name / "transformer")) == name
+    with pytest.raises(ValueError, match="Wan-VAP training is not implemented yet"):
+        families.get("wan").objective(None, None)
 
 
 # ---------------------------------------------------------------------------------------------

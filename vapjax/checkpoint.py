@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan_vae
+from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
 
 FORMAT = 1
 
@@ -28,6 +28,7 @@ KINDS: dict[str, type] = {
     "t5_encoder": t5.T5Config,
     "wan_vae": wan_vae.VAEConfig,
     "clip_vision": clip.CLIPVisionConfig,
+    "wan_transformer": wan.WanConfig,
 }
 
 
