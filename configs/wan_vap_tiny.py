@@ -22,6 +22,7 @@ def get_config():
     c.steps = 6
     c.seed = 0
     c.dtype = "float32"
+    c.attention = ""                  # XLA's attention (runs anywhere)
     c.random_init = True
     c.model = ml_collections.ConfigDict(dict(
         seed=0,

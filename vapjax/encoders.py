@@ -123,13 +123,11 @@ class WanEncoders:
 
     @classmethod
     def load(cls, pipeline: str, *, dtype: str | None = None, vae_dtype: str | None = "float32",
-             image_encoder_dtype: str | None = "float32", tiling: bool = False, offload: bool = True,
-             attention: str | None = None) -> "WanEncoders":
+             image_encoder_dtype: str | None = "float32", tiling: bool = False, offload: bool = True) -> "WanEncoders":
         """From a converted Wan pipeline folder (vae/, text_encoder/, image_encoder/, tokenizer/,
         image_processor/). `dtype` sets UMT5's weights and compute; the VAE and CLIP default to float32,
         as the official inference script loads them (infer/wan_vap.py); None keeps what is stored."""
-        ccfg, cparams = checkpoint.load(os.path.join(pipeline, "image_encoder"), "clip_vision",
-                                        dtype=image_encoder_dtype, **({"attention": attention} if attention else {}))
+        ccfg, cparams = checkpoint.load(os.path.join(pipeline, "image_encoder"), "clip_vision", dtype=image_encoder_dtype)
         tcfg, tparams = checkpoint.load(os.path.join(pipeline, "text_encoder"), "t5_encoder", dtype=dtype)
         vcfg, vparams = checkpoint.load(os.path.join(pipeline, "vae"), "wan_vae", dtype=vae_dtype)
         tokenizer = T5Tokenizer.from_folder(os.path.join(pipeline, "tokenizer"))

@@ -78,10 +78,11 @@ class WanVAP:
              tiling: bool = False) -> "WanVAP":
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets the weights and compute of the
         transformer and UMT5 (default: as stored); the VAE and CLIP run in float32 as the official
-        inference script loads them. `attention` picks the dot_product_attention implementation."""
+        inference script loads them. `attention` picks the transformer's dot_product_attention implementation
+        (at 480x832 only a fused one fits: "cudnn")."""
         require_pipeline_folder(path)
         # Encoders first: their host copies are made before the transformer takes the device.
-        encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling, attention=attention)
+        encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling)
         # As stored, then cast to the dtypes the model declares: `checkpoint.load(dtype=)` would cast the
         # float32 islands of the official bf16 inference (time embedders, modulation tables, norms) too.
         tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "wan_transformer",
