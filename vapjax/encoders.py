@@ -137,14 +137,9 @@ class WanEncoders:
 
     # -- VAE ---------------------------------------------------------------------------------------
 
-    def latents(self, frames: np.ndarray) -> jax.Array:
-        """Pixels float32 [B, F, H, W, 3] in [-1, 1] -> the posterior mode, normalised per channel
-        ((z − mean)·(1/std)), [B, f, h, w, C] float32 (the pipeline uses the mode, WPIPE:431)."""
-        mode = self._posterior(self._vae_params, jnp.asarray(frames)).mode()
-        return self.vae_config.normalize(mode.astype(jnp.float32))
-
     def mode(self, frames: np.ndarray) -> jax.Array:
-        """The posterior mode, not normalised (what the golden trace records)."""
+        """Pixels float32 [B, F, H, W, 3] in [-1, 1] -> the posterior mode [B, f, h, w, C], not yet
+        normalised (`vae_config.normalize`); the pipeline uses the mode, WPIPE:431."""
         return self._posterior(self._vae_params, jnp.asarray(frames)).mode()
 
     def decode(self, latents: jax.Array) -> jax.Array:
