@@ -17,6 +17,7 @@ from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.family = "cogvideox"            # vapjax.families entry; "" takes the checkpoint's
     c.checkpoint = ""                 # a converted pipeline folder (python -m convert SRC DST)
     c.image = ""                      # the image to animate
     c.ref_video = ""                  # reference video(s), "|"-separated

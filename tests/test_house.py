@@ -19,6 +19,7 @@ from conftest import ROOT
 from vapjax import checkpoint, families, sharding
 from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
+from vapjax.pipelines.wan_vap import WanVAP
 from vapjax.random_init import random_params
 from vapjax.tree import flatten
 
@@ -91,14 +92,19 @@ def test_checkpoint_errors_are_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_families_registry(tmp_path):
-    fam = families.get("cogvideox")
-    assert fam.pipeline is CogVideoXVAP and fam.transformer_kind in checkpoint.KINDS
-    with pytest.raises(ValueError, match="unknown model family 'wan' \\(known: cogvideox\\)"):
-        families.get("wan")
-    cfg = tiny_configs()["cogvideox_transformer"]
-    checkpoint.save(str(tmp_path / "transformer"), random_params(cogvideox.param_shapes(cfg), 0), cfg)
-    (tmp_path / "pipeline.json").write_text("{}")
-    assert families.of_checkpoint(str(tmp_path)) == families.of_checkpoint(str(tmp_path / "transformer")) == "cogvideox"
+    for name, pipeline, kind in [("cogvideox", CogVideoXVAP, "cogvideox_transformer"), ("wan", WanVAP, "wan_transformer")]:
+        fam = families.get(name)
+        assert fam.pipeline is pipeline and fam.transformer_kind == kind and kind in checkpoint.KINDS
+    with pytest.raises(ValueError, match="unknown model family 'hunyuan' \\(known: cogvideox, wan\\)"):
+        families.get("hunyuan")
+    for name, cfg, init in [("cogvideox", tiny_configs()["cogvideox_transformer"], cogvideox.param_shapes),
+                            ("wan", tiny_configs()["wan_transformer"], wan.param_shapes)]:
+        checkpoint.save(str(tmp_path / name / "transformer"), random_params(init(cfg), 0), cfg)
+        (tmp_path / name / "pipeline.json").write_text("{}")
+        assert families.of_checkpoint(str(tmp_path / name)) == families.of_checkpoint(
+            str(tmp_path / name / "transformer")) == name
+    with pytest.raises(ValueError, match="Wan-VAP training is not implemented yet"):
+        families.get("wan").objective(None, None)
 
 
 # ---------------------------------------------------------------------------------------------

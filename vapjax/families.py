@@ -1,15 +1,18 @@
-"""Model families (CogVideoX now, Wan next) as entries of one table, never as `if family == ...`.
+"""Model families (CogVideoX, Wan) as entries of one table, never as `if family == ...`.
 
 A family names what differs between them for the entry points:
 
   transformer_kind  the `vapjax.checkpoint.KINDS` key of its diffusion transformer (VAP model)
   pipeline          the generation pipeline class: `Pipeline.load(folder, dtype=, attention=, tiling=)`
-                    returns a callable `pipe(image, ref_videos, request)`
+                    (or `Pipeline.random_from_config(model_section, ...)`) returns a callable
+                    `pipe(image, ref_videos, request)`; `Pipeline.validate(image, ref_videos, request)`
+                    checks a request before any weights are used
+  request           the pipeline's Request dataclass (sample.py fills its fields from a config)
   objective         `objective(train_config, model_config) -> objective(params, batch, rng, empty_text)
                     -> loss`, the training objective `vapjax.training.make_train_step` takes
 
-Adding Wan is one entry, `FAMILIES["wan"] = Family("wan_transformer", WanVAP, _wan_objective)`, next to
-its converter (`convert/__main__.py` MODELS/PIPELINES) and checkpoint kind (`vapjax.checkpoint.KINDS`).
+A family is one entry here, next to its converter (`convert/__main__.py` MODELS, `convert/pipeline.py`
+PIPELINES) and its checkpoint kind (`vapjax.checkpoint.KINDS`).
 `sample.py` and `train.py` look the family up by name (`get(c.family)`) or from a converted folder
 (`of_checkpoint(path)`).
 """
@@ -23,13 +26,14 @@ import jax.numpy as jnp
 
 from vapjax import checkpoint, sampling, training
 from vapjax.models import cogvideox
-from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
+from vapjax.pipelines import cogvideox_vap, wan_vap
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     transformer_kind: str
     pipeline: type
+    request: type                      # the pipeline's Request dataclass
     objective: Callable[[Any, Any], Callable]
 
 
@@ -41,8 +45,14 @@ def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
                                         dtype=jnp.dtype(cfg.dtype))
 
 
+def _wan_objective(c, cfg) -> Callable:
+    raise ValueError("Wan-VAP training is not implemented yet (vapjax.training has no Wan objective)")
+
+
 FAMILIES: dict[str, Family] = {
-    "cogvideox": Family("cogvideox_transformer", CogVideoXVAP, _cogvideox_objective),
+    "cogvideox": Family("cogvideox_transformer", cogvideox_vap.CogVideoXVAP, cogvideox_vap.Request,
+                        _cogvideox_objective),
+    "wan": Family("wan_transformer", wan_vap.WanVAP, wan_vap.Request, _wan_objective),
 }
 
 
