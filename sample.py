@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from vapjax import families, video
+from vapjax import compile_cache, families, video
 from vapjax.checkpoint import CheckpointError
 from vapjax.video import VideoError
 
@@ -124,6 +124,7 @@ def main(argv):
     # imageio's ffmpeg subprocess (fork + immediate exec) trips JAX's at-fork warning; it is harmless.
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     logging.set_verbosity(logging.WARNING)  # absl would print JAX's backend probing at INFO
+    compile_cache.enable()  # a second run starts in seconds; VAPJAX_NO_COMPILE_CACHE=1 turns it off
     try:
         run(_CONFIG.value)
     except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:
