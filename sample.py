@@ -28,7 +28,6 @@ from vapjax import compile_cache, families, video
 from vapjax.checkpoint import CheckpointError
 from vapjax.video import VideoError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/cog_vap.py", lock_config=False)
 
 # Config fields sample.py itself reads; every other field is one of the family's Request fields.
 RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
@@ -126,12 +125,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # absl would print JAX's backend probing at INFO
     compile_cache.enable()  # a second run starts in seconds; VAPJAX_NO_COMPILE_CACHE=1 turns it off
     try:
-        run(_CONFIG.value)
+        run(flags.FLAGS.config)
     except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import this module beside train.py, which has its own --config.
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/cog_vap.py", lock_config=False)
     flags.mark_flags_as_required(["config"])
     app.run(main)
