@@ -24,6 +24,7 @@ from convert.cogvideox_vae import convert_vae
 from convert.errors import ConversionError
 from convert.source import read_config, read_json
 from convert.t5 import convert_t5
+from convert.wan import convert_transformer as convert_wan_transformer
 from convert.wan_vae import convert_vae as convert_wan_vae
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "fp32": "float32", "bf16": "bfloat16"}
@@ -39,6 +40,7 @@ class Converter:
 # patterns). A new model family is one entry, e.g. "WanTransformer3D*": Converter(convert_wan, True).
 MODELS: dict[str, Converter] = {
     "CogVideoXTransformer3D*": Converter(convert_transformer, expert_options=True),
+    "WanTransformer3D*": Converter(convert_wan_transformer, expert_options=True),
     "AutoencoderKLCogVideoX": Converter(convert_vae),
     "AutoencoderKLWan": Converter(convert_wan_vae),
     "CLIPVisionModel": Converter(convert_clip),

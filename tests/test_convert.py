@@ -71,20 +71,20 @@ def test_byte_ranges_are_checked_before_reading(tmp_path, offsets):
 
 def test_dispatch_is_a_table(tmp_path, monkeypatch):
     """A new family's converter is one table entry; unknown classes and misplaced options are one line."""
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DMOTModel"}))
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "HunyuanVideoTransformer3DMOTModel"}))
     one_line_error(lambda: cli.convert_folder(str(tmp_path), str(tmp_path / "out")),
-                   "don't know how to convert a 'WanTransformer3DMOTModel' (known: CogVideoXTransformer3D*")
+                   "don't know how to convert a 'HunyuanVideoTransformer3DMOTModel' (known: CogVideoXTransformer3D*")
     calls = []
-    monkeypatch.setitem(cli.MODELS, "WanTransformer3D*",
+    monkeypatch.setitem(cli.MODELS, "HunyuanVideoTransformer3D*",
                         cli.Converter(lambda src, dst, **kw: calls.append((src, dst, kw)), expert_options=True))
-    assert cli.convert_folder(str(tmp_path), "out", expert_layers=(0, 1)) == "WanTransformer3DMOTModel"
+    assert cli.convert_folder(str(tmp_path), "out", expert_layers=(0, 1)) == "HunyuanVideoTransformer3DMOTModel"
     assert calls == [(str(tmp_path), "out", dict(dtype=None, init_expert=None, expert_layers=(0, 1)))]
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5EncoderModel"]}))
     one_line_error(lambda: cli.convert_folder(str(tmp_path), "out", init_expert="copy"),
                    "--init-expert/--expert-layers apply to a transformer, not a 'T5EncoderModel'")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoMOTPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoMOTPipeline"}))
     one_line_error(lambda: cli.convert_folder(str(tmp_path), "out"),
-                   "don't know how to convert a 'WanImageToVideoMOTPipeline'")
+                   "don't know how to convert a 'HunyuanVideoMOTPipeline'")
 
 
 def test_vae_follows_the_one_storage_dtype_rule(tmp_path):

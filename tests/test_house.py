@@ -17,7 +17,7 @@ from jax.sharding import AbstractMesh
 from configs import cog_vap_tiny
 from conftest import ROOT
 from vapjax import checkpoint, families, sharding
-from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan_vae
+from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
 from vapjax.random_init import random_params
 from vapjax.tree import flatten
@@ -44,11 +44,14 @@ def tiny_configs() -> dict:
             "t5_encoder": t5.T5Config(**m.text_encoder.to_dict()),
             "wan_vae": wan_vae.VAEConfig(base_dim=8, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,)),
             "clip_vision": clip.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-                                                 patch_size=4, image_size=16)}
+                                                 patch_size=4, image_size=16),
+            "wan_transformer": wan.WanConfig(num_heads=2, head_dim=12, in_channels=12, out_channels=4, text_dim=16,
+                                             image_dim=20, freq_dim=8, ffn_dim=40, num_layers=2, expert_layers=(0,))}
 
 
 INIT = {"cogvideox_transformer": cogvideox.init_params, "cogvideox_vae": cogvideox_vae.init_params,
-        "t5_encoder": t5.init_params, "wan_vae": wan_vae.init_params, "clip_vision": clip.init_params}
+        "t5_encoder": t5.init_params, "wan_vae": wan_vae.init_params, "clip_vision": clip.init_params,
+        "wan_transformer": wan.init_params}
 
 
 @pytest.mark.parametrize("kind", list(checkpoint.KINDS))
@@ -73,7 +76,7 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     checkpoint.save(str(tmp_path), random_params(jax.eval_shape(lambda: t5.init_params(cfg, jax.random.key(0))), 0), cfg)
     for call, message in [
         (lambda: checkpoint.load(str(tmp_path), "cogvideox_vae"), "holds a 't5_encoder', expected a 'cogvideox_vae'"),
-        (lambda: checkpoint.load(str(tmp_path), "wan_transformer"), "unknown checkpoint kind 'wan_transformer'"),
+        (lambda: checkpoint.load(str(tmp_path), "hunyuan_transformer"), "unknown checkpoint kind 'hunyuan_transformer'"),
         (lambda: checkpoint.load(str(tmp_path), "t5_encoder", attention="xla"), "cannot apply ['attention']"),
         (lambda: checkpoint.load(str(tmp_path / "nope"), "t5_encoder"), "no such checkpoint folder"),
         (lambda: checkpoint.save(str(tmp_path / "x"), {}, object()), "no checkpoint kind for a object"),
@@ -109,13 +112,15 @@ def full_size_trees() -> dict:
         "CogVideoX VAE": jax.eval_shape(lambda: cogvideox_vae.init_params(cogvideox_vae.VAEConfig(), key)),
         "T5-XXL encoder": jax.eval_shape(lambda: t5.init_params(t5.T5Config(), key)),
         "UMT5-XXL encoder": jax.eval_shape(lambda: t5.init_params(t5.T5Config(per_layer_position_bias=True), key)),
+        "Wan2.1-I2V-14B + VAP d10": wan.param_shapes(wan.WanConfig()),
     }
 
 
 # Per-device share of the weights on a (data 1, fsdp 8, tensor 4) mesh: matrices split 32 ways; the
 # adaLN modulations (14% of the transformer) and the VAE convolutions split only over fsdp (1/8).
 # Replicating a large parameter by mistake (e.g. a 54.6 M position table) raises the share past these.
-SHARE = {"CogVideoX-5B-I2V + VAP": 0.047, "CogVideoX VAE": 0.126, "T5-XXL encoder": 0.032, "UMT5-XXL encoder": 0.032}
+SHARE = {"CogVideoX-5B-I2V + VAP": 0.047, "CogVideoX VAE": 0.126, "T5-XXL encoder": 0.032, "UMT5-XXL encoder": 0.032,
+         "Wan2.1-I2V-14B + VAP d10": 0.034}
 
 
 def test_sharding_rules_cover_every_full_size_parameter():

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan_vae
+from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
 
 FORMAT = 1
 
 # kind (recorded in config.json) -> model config class.
 KINDS: dict[str, type] = {
     "cogvideox_transformer": cogvideox.CogVideoXConfig,
+    "wan_transformer": wan.WanConfig,
     "cogvideox_vae": cogvideox_vae.VAEConfig,
     "t5_encoder": t5.T5Config,
     "wan_vae": wan_vae.VAEConfig,

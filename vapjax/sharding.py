@@ -70,6 +70,29 @@ PARAM_AXES: Sequence[tuple[str, tuple]] = (
     (r"patch_embed/(proj|text_proj)/bias$", ("embed",)),
     (r"time_embedding/linear_[12]/kernel$", (None, None)),     # small (≤ 3072×512): replicated
     (r"time_embedding/linear_[12]/bias$", (None,)),
+    # Wan transformer (backbone/… and expert/…): attn1 self-, attn2 cross-attention (+ image k/v)
+    (r"attn[12]/(to_[qkv]|add_[kv]_proj)/kernel$", ("embed", "heads")),
+    (r"attn[12]/(to_[qkv]|add_[kv]_proj)/bias$", ("heads",)),
+    (r"attn[12]/to_out/kernel$", ("heads", "embed")),
+    (r"attn[12]/to_out/bias$", ("embed",)),
+    (r"attn[12]/norm_(q|k|added_k)/scale$", ("heads",)),   # RMSNorm across all heads: the q/k width
+    (r"ffn/proj_in/kernel$", ("embed", "mlp")),
+    (r"ffn/proj_in/bias$", ("mlp",)),
+    (r"ffn/proj_out/kernel$", ("mlp", "embed")),
+    (r"ffn/proj_out/bias$", ("embed",)),
+    (r"(blocks|head)/scale_shift_table$", (None, "embed")),  # [6 or 2, width] modulation tables
+    (r"blocks/norm2/(scale|bias)$", ("embed",)),
+    (r"patch_embedding/kernel$", (None, "embed")),
+    (r"patch_embedding/bias$", ("embed",)),
+    (r"condition_embedder/time_proj/kernel$", (None, "modulation")),
+    (r"condition_embedder/time_proj/bias$", ("modulation",)),
+    (r"condition_embedder/(time|text)_embedder/linear_[12]/kernel$", (None, "embed")),
+    (r"condition_embedder/(time|text)_embedder/linear_[12]/bias$", ("embed",)),
+    (r"condition_embedder/image_embedder/proj_in/kernel$", (None, None)),   # CLIP width², small
+    (r"condition_embedder/image_embedder/proj_in/bias$", (None,)),
+    (r"condition_embedder/image_embedder/norm1/(scale|bias)$", (None,)),
+    (r"condition_embedder/image_embedder/proj_out/kernel$", (None, "embed")),
+    (r"condition_embedder/image_embedder/(proj_out/bias|norm2/scale|norm2/bias)$", ("embed",)),
     # T5 / UMT5 encoder
     (r"^embed_tokens/embedding$", ("vocab", "embed")),
     (r"relative_attention_bias/embedding$", (None, None)),     # [buckets, heads], tiny
