@@ -1,36 +1,50 @@
-"""Model families (CogVideoX now, Wan next) as entries of one table, never as `if family == ...`.
+"""Model families (CogVideoX, Wan) as entries of one table, never as `if family == ...`.
 
 A family names what differs between them for the entry points:
 
-  transformer_kind  the `vapjax.checkpoint.KINDS` key of its diffusion transformer (VAP model)
+  transformer_kind  the `vapjax.checkpoint.KINDS` key of its diffusion transformer (VAP model); its
+                    config class is `checkpoint.KINDS[transformer_kind]`
   pipeline          the generation pipeline class: `Pipeline.load(folder, dtype=, attention=, tiling=)`
                     returns a callable `pipe(image, ref_videos, request)`
   objective         `objective(train_config, model_config) -> objective(params, batch, rng, empty_text)
                     -> loss`, the training objective `vapjax.training.make_train_step` takes
+  param_shapes      model config -> the transformer's parameter tree as ShapeDtypeStructs (random init)
+  synthetic_data    `(train_config, model_config) -> (iterator, empty-caption embedding)`: a fixed random
+                    dataset in the family's batch format (`vapjax.data.random_latents`)
+  text_length       `(train_config, model_config) -> int`: the caption length the data path encodes to
+  sequence_length   `(model_config, batch) -> int`: tokens of one sample's joint attention (throughput)
+  convert_hint      how to make a trainable checkpoint (expert initialised) from the stock one
 
-Adding Wan is one entry, `FAMILIES["wan"] = Family("wan_transformer", WanVAP, _wan_objective)`, next to
-its converter (`convert/__main__.py` MODELS/PIPELINES) and checkpoint kind (`vapjax.checkpoint.KINDS`).
-`sample.py` and `train.py` look the family up by name (`get(c.family)`) or from a converted folder
-(`of_checkpoint(path)`).
+A family is one entry here, next to its converter (`convert/__main__.py` MODELS/PIPELINES) and checkpoint
+kind (`vapjax.checkpoint.KINDS`); the precomputed-data encoders are chosen by the pipeline's VAE kind
+(`vapjax.data.precompute.FEATURES`). `sample.py` and `train.py` look the family up by name
+(`get(c.family)`) or from a converted folder (`of_checkpoint(path)`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 from vapjax import checkpoint, sampling, training
-from vapjax.models import cogvideox
+from vapjax.data.random_latents import RandomLatents, RandomWanLatents
+from vapjax.models import cogvideox, wan
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     transformer_kind: str
-    pipeline: type
+    pipeline: type | None
     objective: Callable[[Any, Any], Callable]
+    param_shapes: Callable[[Any], Any]
+    synthetic_data: Callable[[Any, Any], tuple[Any, np.ndarray]]
+    text_length: Callable[[Any, Any], int]
+    sequence_length: Callable[[Any, Mapping[str, np.ndarray]], int]
+    convert_hint: str
 
 
 def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
@@ -41,8 +55,54 @@ def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
                                         dtype=jnp.dtype(cfg.dtype))
 
 
+def _cogvideox_synthetic(c, cfg: cogvideox.CogVideoXConfig):
+    data = RandomLatents(size=c.data.size, batch_size=c.batch_size, frames=cfg.latent_frames,
+                         height=cfg.sample_height, width=cfg.sample_width, channels=cfg.out_channels,
+                         text_len=cfg.max_text_seq_length, text_dim=cfg.text_embed_dim,
+                         num_refs=c.data.num_refs, seed=c.data.seed)
+    return data, data.empty_text
+
+
+def _cogvideox_sequence(cfg: cogvideox.CogVideoXConfig, batch) -> int:
+    """[caption ; video] of the target and of each reference."""
+    f, h, w = np.shape(batch["latent_dist"])[1:4]
+    return (cfg.max_text_seq_length + f * h * w // cfg.patch_size ** 2) * (1 + np.shape(batch["ref_text"])[1])
+
+
+def _wan_objective(c, cfg: wan.WanConfig) -> Callable:
+    """Flow matching (spec §7.4) with the caption dropout of config `c`; the expert at reference timestep 1."""
+    return training.wan_objective(wan.WanTransformer(cfg), caption_dropout=c.caption_dropout,
+                                  dtype=jnp.dtype(cfg.dtype))
+
+
+def _wan_synthetic(c, cfg: wan.WanConfig):
+    """Latent clips of c.data.latent_size (f, h, w), captions of c.data.text_len, CLIP of c.data.image_len."""
+    f, h, w = c.data.latent_size
+    data = RandomWanLatents(size=c.data.size, batch_size=c.batch_size, frames=f, height=h, width=w,
+                            channels=cfg.out_channels, text_len=c.data.text_len, text_dim=cfg.text_dim,
+                            image_len=c.data.image_len, image_dim=cfg.image_dim, num_refs=c.data.num_refs,
+                            seed=c.data.seed)
+    return data, data.empty_text
+
+
+def _wan_sequence(cfg: wan.WanConfig, batch) -> int:
+    """[target video ; reference video] (Wan's joint self-attention has no text)."""
+    grid = [n // p for n, p in zip(np.shape(batch["latent_dist"])[1:4], cfg.patch_size)]
+    return 2 * int(np.prod(grid))
+
+
 FAMILIES: dict[str, Family] = {
-    "cogvideox": Family("cogvideox_transformer", CogVideoXVAP, _cogvideox_objective),
+    "cogvideox": Family(
+        transformer_kind="cogvideox_transformer", pipeline=CogVideoXVAP, objective=_cogvideox_objective,
+        param_shapes=cogvideox.param_shapes, synthetic_data=_cogvideox_synthetic,
+        text_length=lambda c, cfg: cfg.max_text_seq_length, sequence_length=_cogvideox_sequence,
+        convert_hint="python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40"),
+    "wan": Family(
+        transformer_kind="wan_transformer", pipeline=None, objective=_wan_objective,
+        param_shapes=wan.param_shapes, synthetic_data=_wan_synthetic,
+        text_length=lambda c, cfg: c.data.text_len, sequence_length=_wan_sequence,
+        convert_hint="python -m convert Wan2.1-I2V-14B-480P-Diffusers/transformer OUT --init-expert copy "
+                     "--expert-layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30,32,34,36,38"),
 }
 
 
