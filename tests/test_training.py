@@ -215,6 +215,45 @@ def test_caption_dropout_blanks_a_sample_together():
     assert not any(np.array_equal(t, empty) for t in np.asarray(kept["text"]))
 
 
+_wan_inputs = jax.jit(training.wan_inputs, static_argnums=4)
+
+
+def test_wan_inputs_layout_and_caption_dropout():
+    """Wan's inputs from a batch: x0 and the reference drawn from the stored (normalised) posteriors, the
+    conditions behind the I2V mask ([mask | condition], the expert's [reference | mask | condition]), CLIP
+    embeddings as stored; caption dropout blanks a sample's target and reference captions together
+    (spec §4.3, §7.5). More than one reference is a one-line error (the official model asserts one)."""
+    rng = np.random.default_rng(0)
+    b, f, h, w, ch = 6, 3, 4, 6, 4
+    dist = lambda *shape: np.concatenate([rng.standard_normal(shape + (ch,)).astype(np.float32),
+                                          np.full(shape + (ch,), -100.0, np.float32)], -1)  # draws = means
+    batch = {"latent_dist": dist(b, f, h, w), "condition": rng.standard_normal((b, f, h, w, ch)).astype(np.float32),
+             "image_embeds": rng.standard_normal((b, 5, 20)).astype(np.float32),
+             "text": rng.standard_normal((b, 7, 16)).astype(np.float32)}
+    batch.update({f"ref_{k}": v[::-1][:, None] for k, v in batch.items()})
+    empty = rng.standard_normal((7, 16)).astype(np.float32)
+    x = _wan_inputs(batch, jax.random.PRNGKey(0), empty, 0.5, jnp.float32)
+    close = lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    close(x["x0"], batch["latent_dist"][..., :ch])
+    mask = np.zeros((b, f, h, w, 4), np.float32)
+    mask[:, 0] = 1
+    np.testing.assert_array_equal(x["condition"], np.concatenate([mask, batch["condition"]], -1))
+    close(x["ref_latents"][..., :ch], batch["ref_latent_dist"][:, 0, ..., :ch])
+    np.testing.assert_array_equal(x["ref_latents"][..., ch:], np.concatenate([mask, batch["ref_condition"][:, 0]], -1))
+    np.testing.assert_array_equal(x["image"], batch["image_embeds"])
+    np.testing.assert_array_equal(x["ref_image"], batch["ref_image_embeds"][:, 0])
+    dropped = np.array([np.array_equal(t, empty) for t in np.asarray(x["text"])])
+    assert 0 < dropped.sum() < b, dropped
+    for i in range(b):
+        want = (empty, empty) if dropped[i] else (batch["text"][i], batch["ref_text"][i, 0])
+        np.testing.assert_array_equal(x["text"][i], want[0])
+        np.testing.assert_array_equal(x["ref_text"][i], want[1])
+    two = {**batch, "ref_latent_dist": np.repeat(batch["ref_latent_dist"], 2, axis=1)}
+    with pytest.raises(ValueError, match="exactly one reference") as e:
+        training.wan_inputs(two, jax.random.PRNGKey(0), empty, 0.0, jnp.float32)
+    assert "\n" not in str(e.value)
+
+
 TINY = {"cogvideox": cog_vap_train_tiny, "wan": wan_vap_train_tiny}
 FAMILY_IDS = list(TINY)
 
@@ -532,12 +571,14 @@ def test_train_on_precomputed_vap_data(tmp_path):
     from convert.pipeline import convert_pipeline  # noqa: PLC0415
     from train import train  # noqa: PLC0415
     from vapjax.data import precompute, synthetic, vap_data  # noqa: PLC0415
+    from vapjax.data.features import CogVideoXFeatures, load_features  # noqa: PLC0415
 
     raw = synthetic.write(str(tmp_path / "raw"))
     data = vap_data.build(raw, str(tmp_path / "data"), "tiny", workers=2)
     convert_pipeline(str(golden_dir() / "cog_pipeline_tiny"), str(tmp_path / "pipe"))
-    encoders = precompute.Encoders.load(str(tmp_path / "pipe"), max_length=96)  # the tiny model's caption length
-    latents = precompute.precompute(data, str(tmp_path / "latents"), encoders, dtype="float32")
+    features = load_features(str(tmp_path / "pipe"), text_length=96)  # the tiny model's caption length
+    assert isinstance(features, CogVideoXFeatures)
+    latents = precompute.precompute(data, str(tmp_path / "latents"), features, dtype="float32")
 
     c = tiny_config(tmp_path / "run", steps=6, batch_size=2, random_init=False,
                     init_checkpoint=str(tmp_path / "pipe" / "transformer"))
@@ -553,6 +594,89 @@ def test_train_on_precomputed_vap_data(tmp_path):
     c.data.kind, c.data.dir, c.data.pipeline = "raw", data.data_dir, str(tmp_path / "pipe")
     history, _, _ = train(c)
     assert len(history) == 2 and np.all(np.isfinite([m["loss"] for m in history]))
+
+
+def tiny_wan_pipeline(path, model_cfg) -> None:
+    """A converted-pipeline folder with tiny random Wan encoders (VAE with 8x spatial, 4x temporal
+    compression to `model_cfg.out_channels` latent channels; UMT5 of width text_dim; CLIP of width
+    image_dim on 16x16 crops) and the tiny sentencepiece tokenizer."""
+    import shutil  # noqa: PLC0415
+    from vapjax import checkpoint  # noqa: PLC0415
+    from vapjax.models import clip, t5, wan_vae  # noqa: PLC0415
+    from vapjax.random_init import random_params  # noqa: PLC0415
+    z = model_cfg.out_channels
+    parts = {
+        "vae": (wan_vae.VAEConfig(base_dim=8, z_dim=z, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                                  latents_mean=np.linspace(-0.5, 0.5, z), latents_std=np.linspace(0.5, 2.0, z)),
+                wan_vae.init_params),
+        "text_encoder": (t5.T5Config(vocab_size=128, d_model=model_cfg.text_dim, d_kv=8, num_heads=2, d_ff=32,
+                                     num_layers=2, feed_forward_proj="gated-gelu", per_layer_position_bias=True),
+                         t5.init_params),
+        "image_encoder": (clip.CLIPVisionConfig(hidden_size=model_cfg.image_dim, intermediate_size=32, num_layers=2,
+                                                num_heads=2, patch_size=4, image_size=16), clip.init_params),
+    }
+    for i, (name, (cfg, init)) in enumerate(parts.items()):
+        checkpoint.save(str(path / name), random_params(jax.eval_shape(lambda: init(cfg, jax.random.key(0))), i), cfg)
+    shutil.copytree(ROOT / "vapjax" / "assets" / "tiny_tokenizer", path / "tokenizer")
+    (path / "image_processor").mkdir()
+    (path / "image_processor" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 16},
+         "crop_size": {"height": 16, "width": 16}}))
+
+
+def test_train_on_precomputed_wan_data(tmp_path):
+    """Wan's whole data path into train.py: mini VAP-Data -> vap_data -> Wan features precomputed with tiny
+    random encoders -> the paired loader -> training a converted tiny Wan-VAP checkpoint. The stored
+    features are the official trainer's: VAE moments with mean AND log-variance normalised per channel
+    (spec §8.9; the log-variance unclipped until the trainer's draw), the condition as the normalised mode
+    of [first frame, zeros…], CLIP of the first frame, UMT5 without a mask (pads kept, no cleaning)."""
+    from train import train  # noqa: PLC0415
+    from vapjax import checkpoint, video  # noqa: PLC0415
+    from vapjax.data import loader, precompute, synthetic, vap_data  # noqa: PLC0415
+    from vapjax.data.features import WanFeatures, load_features  # noqa: PLC0415
+    from vapjax.models import t5, wan, wan_vae  # noqa: PLC0415
+    from vapjax.random_init import random_params  # noqa: PLC0415
+
+    c = tiny_config(tmp_path / "run", "wan", steps=2, batch_size=2, random_init=False)
+    cfg = wan.WanConfig(**c.model.to_dict())
+    checkpoint.save(str(tmp_path / "init"), random_params(wan.param_shapes(cfg), 0), cfg)
+    tiny_wan_pipeline(tmp_path / "pipe", cfg)
+    raw = synthetic.write(str(tmp_path / "raw"))
+    data = vap_data.build(raw, str(tmp_path / "data"), "tiny", workers=2)
+    features = load_features(str(tmp_path / "pipe"), text_length=c.data.text_len)
+    assert isinstance(features, WanFeatures)
+    latents = precompute.precompute(data, str(tmp_path / "latents"), features, batch_size=2, dtype="float32")
+
+    # One stored example against the encoders called directly.
+    example, clip_ = latents.as_data_source(split="train")[0], data.as_data_source(split="train")[0]
+    vae = wan_vae.AutoencoderKLWan(features.vae_config)
+    vparams = checkpoint.load(str(tmp_path / "pipe" / "vae"), "wan_vae")[1]
+    x = video.to_model_range(clip_["video"])[None]
+    mean, logvar = np.split(np.asarray(vae.apply({"params": vparams}, x, method="moments"))[0], 2, -1)
+    norm = lambda a: (a - np.float32(features.vae_config.latents_mean)) * (1 / np.float32(features.vae_config.latents_std))
+    close = lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    close(example["latent_dist"], np.concatenate([norm(mean), norm(logvar)], -1))
+    cond = np.concatenate([x[:, :1], np.zeros_like(x[:, 1:])], 1)
+    close(example["condition"], norm(np.asarray(vae.apply({"params": vparams}, cond, method="encode").mode())[0]))
+    assert example["latent_dist"].shape == (3, 8, 12, 8) and example["condition"].shape == (3, 8, 12, 4)
+    assert example["image_embeds"].shape == (17, cfg.image_dim)
+    close(example["image_embeds"], features.image_embeds(clip_["video"][None, 0])[0])
+    tcfg, tparams = checkpoint.load(str(tmp_path / "pipe" / "text_encoder"), "t5_encoder")
+    ids = features.tokenizer([clip_["caption"].decode()], c.data.text_len)  # no mask: pads attend and are kept
+    close(example["text"], t5.T5Encoder(tcfg).apply({"params": tparams}, ids)[0])
+    assert np.any(example["text"][-1])
+
+    # The loader pairs every Wan field; training runs on them from the converted checkpoint.
+    batch = next(loader.make_loader(latents.data_dir, batch_size=2, seed=0))
+    assert {k for k in batch if k.startswith("ref_")} == {"ref_latent_dist", "ref_condition", "ref_image_embeds",
+                                                          "ref_text", "ref_index", "ref_count"}
+    c.init_checkpoint = str(tmp_path / "init")
+    c.data.kind, c.data.dir = "latents", latents.data_dir
+    history, state, _ = train(c)
+    assert len(history) == 2 and np.all(np.isfinite([m["loss"] for m in history]))
+    assert all(p[0] == "expert" for p in vtree.flatten(state.params))
+    # (The on-the-fly path, data.kind "raw", runs the same `features.encode` through the family-agnostic
+    # `features.EncodedBatches` that test_train_on_precomputed_vap_data trains on.)
 
 
 def test_unfreeze_regex_and_fp32_moments(tmp_path):
