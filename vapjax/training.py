@@ -270,7 +270,8 @@ def wan_objective(model, *, caption_dropout: float, dtype, num_train_timesteps: 
 def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: optax.Schedule) -> Callable:
     """train_step(state, frozen, batch, rng, empty_text) -> (state, metrics) for any
     objective(params, batch, rng, empty_text) -> loss (`cogvideox_objective`, `wan_objective`). Gradients
-    flow only into `state.params`; `frozen` is a plain input. Randomness is folded from (rng, step), so a resumed run draws what an uninterrupted one would."""
+    flow only into `state.params`; `frozen` is a plain input. Randomness is folded from (rng, step), so a
+    resumed run draws what an uninterrupted one would."""
 
     def loss_fn(trainable, frozen, batch, rng, empty_text):
         return objective(vtree.merge(trainable, frozen), batch, rng, empty_text)
