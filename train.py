@@ -1,6 +1,8 @@
-"""Train the VAP expert (CogVideoX backbone frozen) on one device, many devices or many hosts.
+"""Train the VAP expert (backbone frozen) on one device, many devices or many hosts, for any model
+family of `vapjax.families` (`c.family`: "cogvideox" or "wan").
 
     python train.py --config configs/cog_vap_train_tiny.py                 # tiny, CPU, synthetic data
+    python train.py --config configs/wan_vap_train_tiny.py                 # tiny Wan, CPU, synthetic data
     python train.py --config configs/cog_vap_train.py --config.init_checkpoint=ckpt/init \
         --config.data.dir=vap_data_latents --config.workdir=runs/vap
 
@@ -17,11 +19,15 @@ import sys
 import time
 import warnings
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+from tqdm import tqdm
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/cog_vap_train.py",
-                                          lock_config=False)
+from vapjax import checkpoint, compile_cache, families, sharding, training
+from vapjax.random_init import random_params
 
 
 # Model run options a resumed run may change (they do not change the parameters or the math).
@@ -33,7 +39,6 @@ class TrainingError(RuntimeError):
 
 
 def maybe_initialize_distributed() -> None:
-    import jax  # noqa: PLC0415
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
                                    int(os.environ["JAX_PROCESS_ID"]))
@@ -42,52 +47,47 @@ def maybe_initialize_distributed() -> None:
 
 
 def load_model(c):
-    """(model config, full parameter tree) from a converted checkpoint or random tiny weights."""
-    import jax  # noqa: PLC0415
-    from vapjax.models import cogvideox  # noqa: PLC0415
+    """(model config, full parameter tree) of family `c.family` from a converted checkpoint or random
+    tiny weights. Every floating weight is cast to `param_dtype`: the official trainer holds the whole
+    transformer in bf16 (spec §7.1, §8.14); modules that compute in float32 still do."""
+    family = families.get(c.family)
     options = c.model_options.to_dict()
     options["attention"] = options.get("attention") or None
     if c.random_init:
-        from vapjax.random_init import random_params  # noqa: PLC0415
-        cfg = cogvideox.CogVideoXConfig(**c.model.to_dict(), **options)
-        return cfg, random_params(cogvideox.param_shapes(cfg), c.seed)
-    if not c.init_checkpoint:
-        raise TrainingError("no init_checkpoint: pass --config.init_checkpoint=<converted transformer folder> "
-                            "(python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40)")
-    from vapjax import checkpoint  # noqa: PLC0415
-    cfg, params = checkpoint.load(c.init_checkpoint, "cogvideox_transformer")
-    if not cfg.expert_layers:
-        raise TrainingError(f"{c.init_checkpoint} has no expert; convert with --init-expert copy --expert-layers 0-40")
-    params = jax.tree.map(lambda a: a.astype(options["param_dtype"]), params)
-    return cfg.with_options(**options), params
+        cfg = checkpoint.KINDS[family.transformer_kind](**c.model.to_dict(), **options)
+        params = random_params(family.param_shapes(cfg), c.seed)
+    else:
+        if not c.init_checkpoint:
+            raise TrainingError(f"no init_checkpoint: pass --config.init_checkpoint=<converted transformer folder> "
+                                f"({family.convert_hint})")
+        cfg, params = checkpoint.load(c.init_checkpoint, family.transformer_kind)
+        if not cfg.expert_layers:
+            raise TrainingError(f"{c.init_checkpoint} has no expert; convert with {family.convert_hint}")
+        cfg = cfg.with_options(**options)
+    cast = lambda a: a.astype(options["param_dtype"]) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return cfg, jax.tree.map(cast, params)
 
 
 def make_data(c, model_cfg):
     """(batch iterator with get_state/set_state, empty-caption embedding [L, D]) for data.kind
-    'synthetic' (RandomLatents), 'latents' (precomputed vap_latents) or 'raw' (vap_data + encoders)."""
-    import numpy as np  # noqa: PLC0415
+    'synthetic' (the family's random dataset), 'latents' (precomputed vap_latents) or 'raw' (vap_data,
+    encoded on the fly by the encoders of data.pipeline)."""
+    family = families.get(c.family)
     if c.data.kind == "synthetic":
-        from vapjax.data.random_latents import RandomLatents  # noqa: PLC0415
-        lat_h, lat_w = model_cfg.sample_height, model_cfg.sample_width
-        data = RandomLatents(size=c.data.size, batch_size=c.batch_size, frames=model_cfg.latent_frames,
-                             height=lat_h, width=lat_w, channels=model_cfg.out_channels,
-                             text_len=model_cfg.max_text_seq_length, text_dim=model_cfg.text_embed_dim,
-                             num_refs=c.data.num_refs, seed=c.data.seed)
-        return data, data.empty_text
-    import jax  # noqa: PLC0415
-    from vapjax.data import loader  # noqa: PLC0415
+        return family.synthetic_data(c, model_cfg)
+    # TFDS and grain: imported only for real data.
+    from vapjax.data import features, loader  # noqa: PLC0415
     if c.batch_size % jax.process_count():
         raise TrainingError(f"batch_size {c.batch_size} does not split over {jax.process_count()} hosts")
     it = loader.make_loader(c.data.dir, kind=c.data.kind, batch_size=c.batch_size // jax.process_count(),
                             num_refs=c.data.num_refs, seed=c.data.seed, worker_count=c.data.worker_count)
     if c.data.kind == "latents":
         return it, loader.empty_text(c.data.dir)
-    # Raw clips: encode with the pipeline's VAE and T5 on the fly (as the official trainer does).
-    from vapjax.data.precompute import EncodedBatches, Encoders  # noqa: PLC0415
+    # Raw clips: encode with the pipeline's encoders on the fly (as the official trainer does).
     if not c.data.pipeline:
-        raise TrainingError("data.kind='raw' needs data.pipeline=<converted pipeline folder> for the VAE and T5")
-    encoders = Encoders.load(c.data.pipeline, max_length=model_cfg.max_text_seq_length)
-    return EncodedBatches(it, encoders), np.asarray(encoders.encode_text([""]), np.float32)[0]
+        raise TrainingError("data.kind='raw' needs data.pipeline=<converted pipeline folder> for its encoders")
+    encode = features.load_features(c.data.pipeline, text_length=family.text_length(c, model_cfg))
+    return features.EncodedBatches(it, encode), encode.empty_text()
 
 
 class MetricsSink:
@@ -97,7 +97,7 @@ class MetricsSink:
         self.file = open(os.path.join(c.workdir, "metrics.jsonl"), "a") if enabled else None
         self.writer = None
         if enabled and c.tensorboard:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415
+            from tensorboardX import SummaryWriter  # noqa: PLC0415  (optional dependency)
             self.writer = SummaryWriter(os.path.join(c.workdir, "tb"))
 
     def step(self, m: dict) -> None:
@@ -108,7 +108,6 @@ class MetricsSink:
     def summary(self, step: int, line: dict) -> None:
         if not self.file:
             return
-        from tqdm import tqdm  # noqa: PLC0415
         tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in line.items()))
         if self.writer:
             for k, v in line.items():
@@ -122,11 +121,6 @@ class MetricsSink:
 
 def setup(c):
     """(model config, mesh, sharded train state, sharded frozen params, step function)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from vapjax import sampling, sharding, training  # noqa: PLC0415
-    from vapjax.models import cogvideox  # noqa: PLC0415
-
     cfg, params = load_model(c)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     trainable, frozen = training.split_params(params, c.unfreeze)
@@ -134,9 +128,7 @@ def setup(c):
     trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
     tx = training.make_optimizer(c.optimizer)
     state = jax.jit(lambda p: training.init_state(p, tx))(trainable)  # moments inherit the param shardings
-    objective = training.cogvideox_objective(
-        cogvideox.CogVideoXTransformer(cfg), sampling.DDIMSchedule.from_config(c.scheduler.to_dict()).alphas_cumprod,
-        scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout, dtype=jnp.dtype(cfg.dtype))
+    objective = families.get(c.family).objective(c, cfg)
     lr = training.learning_rate(c.optimizer)
     step_fn = training.make_train_step(objective, tx, lambda s: lr(s // c.optimizer.grad_accum))  # lr per optimizer step
     return cfg, mesh, state, frozen, step_fn
@@ -145,7 +137,6 @@ def setup(c):
 def checkpoints(c, model_cfg):
     """The run's training checkpoints in <workdir>/checkpoints; a resume must match the model config
     (all but RESUMABLE_OPTIONS) and the state tree."""
-    from vapjax import training  # noqa: PLC0415
     model = {k: v for k, v in model_cfg.to_dict().items() if k not in RESUMABLE_OPTIONS}
     return training.TrainCheckpoints(os.path.join(c.workdir, "checkpoints"), every=c.checkpoint_every, keep=c.keep,
                                      model=model, async_save=c.async_checkpoint)
@@ -154,12 +145,6 @@ def checkpoints(c, model_cfg):
 def train(c):
     """Run (or resume) training; returns (this run's per-step metrics, final state, frozen params).
     Process 0 also appends the metrics to <workdir>/metrics.jsonl and TensorBoard events to <workdir>/tb."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
-    from vapjax import sharding, training  # noqa: PLC0415
-
     main = jax.process_index() == 0
     cfg, mesh, state, frozen, step_fn = setup(c)
     data, empty_text = make_data(c, cfg)
@@ -186,8 +171,7 @@ def train(c):
                                            batch_shardings, rep, rep),
                     out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
-    tokens = (cfg.max_text_seq_length + cfg.latent_frames * cfg.sample_height * cfg.sample_width
-              // cfg.patch_size ** 2) * (1 + c.data.num_refs)   # per sample, both streams
+    tokens = families.get(c.family).sequence_length(cfg, first)   # per sample, both streams
     config_dict = json.loads(c.to_json())
     sink = MetricsSink(c, enabled=main)
     history, window, t_last = [], [], time.time()
@@ -226,7 +210,8 @@ def main(argv):
     del argv
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     logging.set_verbosity(logging.WARNING)
-    c = _CONFIG.value
+    c = flags.FLAGS.config
+    compile_cache.enable()  # a restarted run compiles in seconds; VAPJAX_NO_COMPILE_CACHE=1 turns it off
     try:
         maybe_initialize_distributed()
         os.makedirs(c.workdir, exist_ok=True)
@@ -237,5 +222,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import this module beside sample.py, which has its own --config.
+    config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/cog_vap_train.py",
+                                    lock_config=False)
     flags.mark_flags_as_required(["config"])
     app.run(main)

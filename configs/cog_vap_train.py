@@ -17,6 +17,7 @@ COGVIDEOX_SCHEDULER = dict(
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.family = "cogvideox"          # vapjax.families: model, objective, data format
     c.workdir = "runs/cog_vap"
     c.init_checkpoint = ""          # converted transformer (backbone + expert); referenced, never copied
     c.random_init = False

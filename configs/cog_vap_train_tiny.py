@@ -9,6 +9,7 @@ from configs import cog_vap_train
 
 def get_config():
     c = cog_vap_train.get_config()
+    c.family = "cogvideox"
     c.workdir = "runs/cog_vap_tiny"
     c.random_init = True
     c.model = ml_collections.ConfigDict(dict(

@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT
 from vapjax import video
 from vapjax.data import loader, precompute, synthetic, vap_data
+from vapjax.data.features import CogVideoXFeatures
+from vapjax.encoders import Encoders
 from vapjax.models import cogvideox_vae, t5
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
@@ -217,7 +219,8 @@ def encoders():
     vparams = random_params(jax.eval_shape(partial(cogvideox_vae.init_params, vcfg), key), 1)
     tparams = random_params(jax.eval_shape(partial(t5.init_params, tcfg), key), 2)
     tokenizer = T5Tokenizer.from_folder(str(ROOT / "vapjax" / "assets" / "tiny_tokenizer"))
-    return precompute.Encoders(vcfg, vparams, tcfg, tparams, tokenizer, max_length=32), (vcfg, vparams, tcfg, tparams)
+    enc = Encoders(vcfg, vparams, tcfg, tparams, tokenizer, max_length=32)
+    return CogVideoXFeatures(enc), (vcfg, vparams, tcfg, tparams)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +230,7 @@ def latents(built, encoders, tmp_path_factory):
 
 
 def test_precompute_matches_the_encoders(examples, encoders, latents):
-    enc, (vcfg, vparams, tcfg, tparams) = encoders
+    enc, (vcfg, vparams, tcfg, tparams) = encoders[0].encoders, encoders[1]
     source = latents.as_data_source(split="train")
     assert len(source) == len(examples)
     for e, raw in zip((source[i] for i in range(len(source))), examples):

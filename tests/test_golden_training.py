@@ -1,14 +1,16 @@
 """Parity of one training step with the official trainer's recorded SFT steps.
 
-Every golden case folder whose case.json has `training` is discovered, not listed. A CogVideoX case:
-convert the official checkpoint with our converter, build the model inputs with OUR conditioning code
-(`conditioning.cogvideox`) from the recorded posterior samples (× the scaling factor), take the recorded
-noise and timesteps, compute the loss and the expert gradients with OUR objective
-(`training.cogvideox_loss` on `training.cogvideox_predictor`) and compare with the official loss and
+Every golden case folder whose case.json has `training` is discovered, not listed, and checked by the
+handler of its official model class: convert the official checkpoint with our converter, build the
+model inputs with OUR conditioning code from the recorded tensors, take the recorded noise and σ / t,
+compute the loss and the expert gradients with OUR objective and compare with the official loss and
 the official gradient of every `_mot_ref` parameter, mapped to our tree by the converter's rules.
+- CogVideoX: `conditioning.cogvideox` on the recorded posterior samples (× the scaling factor),
+  `training.cogvideox_loss` on `training.cogvideox_predictor`.
+- Wan: `conditioning.wan` on the recorded normalised latents and conditions (its I2V mask must equal
+  the recorded one), `training.flow_matching_loss` on `training.wan_predictor` (reference timestep 1).
 Tolerance: fp32 relative error ≤ 1e-5 for the loss and every expert gradient
 tensor; parameters with no path to the loss must get exactly zero gradient.
-A training step we cannot run yet (Wan) is an expected failure naming the missing piece.
 """
 import json
 
@@ -20,12 +22,13 @@ from safetensors.numpy import load_file
 
 from conftest import golden_cases, golden_dir, rel_err
 from convert.cogvideox import convert_transformer, rules, target_shapes
+from convert.wan import convert_transformer as wan_convert_transformer
+from convert.wan import rules as wan_rules
+from convert.wan import target_shapes as wan_target_shapes
 from vapjax import conditioning, training
 from vapjax import tree as vtree
-from vapjax.models import cogvideox
+from vapjax.models import cogvideox, wan
 from vapjax.sampling import DDIMSchedule
-
-WAN_MISSING = "Wan transformer (vapjax/models/wan.py) not implemented yet"
 
 
 class GoldenCaseError(ValueError):
@@ -82,9 +85,6 @@ CASES = [c for c in golden_cases() if _is_training(c)]
 
 
 def _param(case):
-    if _model_class(case) == "WanTransformer3DMOTModel":
-        return pytest.param(case, id=case.name, marks=pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                                                        reason=WAN_MISSING))
     return pytest.param(case, id=case.name)
 
 
@@ -122,12 +122,15 @@ def check_cogvideox_step(case, meta: dict) -> None:
         return training.cogvideox_loss(predict, x0, noise, t, alphas)
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable)
-    loss_err = rel_err(np.reshape(loss, (1,)), expected["loss"])
+    compare_step(case, meta, loss, grads, expected, want_grads, rules(cfg, target_shapes(cfg)))
 
-    # Every official expert gradient against ours, through the converter's key mapping; and every
-    # trainable slot of ours has an official gradient.
+
+def compare_step(case, meta: dict, loss, grads, expected: dict, want_grads: dict, conversion_rules) -> None:
+    """Our loss and every expert gradient against the official ones, through the converter's key mapping;
+    every trainable slot of ours has an official gradient, and the listed no-path parameters get exact zeros."""
+    loss_err = rel_err(np.reshape(loss, (1,)), expected["loss"])
     flat = vtree.flatten(grads)
-    by_key = {r.src: r for r in rules(cfg, target_shapes(cfg)) if r.dst in flat}
+    by_key = {r.src: r for r in conversion_rules if r.dst in flat}
     zero = set(meta["zero_grad_params"])
     assert zero <= set(want_grads), f"zero_grad_params not in expected_grads: {sorted(zero - set(want_grads))}"
     assert not set(want_grads) - set(by_key), f"official gradients without a trainable counterpart: " \
@@ -154,13 +157,44 @@ def check_cogvideox_step(case, meta: dict) -> None:
 
 
 def check_wan_step(case, meta: dict) -> None:
-    # What we can already check: the recorded (σ, t) are entries of our flow tables (σ = 1 -> 1000, 0.511 -> 510).
+    cfg, params = wan_convert_transformer(str(case))
     inp = load_file(case / "inputs.safetensors")
+    expected = load_file(case / "expected.safetensors")
+    want_grads = load_file(case / "expected_grads.safetensors")
+    assert meta["num_mot_ref"] == 1, f"{case.name}: Wan-VAP takes one reference, case.json says {meta['num_mot_ref']}"
+
+    # The recorded (σ, t) are entries of our flow tables (σ = 1 -> 1000, 0.511 -> 510); the reference's t is 1.
     sigma_table, t_table = training.flow_tables()
     idx = np.round((1 - inp["sigmas"].astype(np.float64)) * 1000).astype(int)
     np.testing.assert_array_equal(sigma_table[idx], inp["sigmas"], err_msg="σ")
     np.testing.assert_array_equal(t_table[idx], inp["timesteps"].astype(np.int32), err_msg="σ -> t")
-    raise NotImplementedError(WAN_MISSING)
+    np.testing.assert_array_equal(inp["ref_timesteps"], 1, err_msg="reference timestep")
+    t = jnp.asarray(t_table[idx])
+
+    cl = lambda k: jnp.asarray(np.moveaxis(inp[k], 1, -1))    # official [B, C, F, H, W] -> ours [B, F, H, W, C]
+    cond = conditioning.wan(cl("condition"), cl("ref"), cl("ref_condition"), jnp.asarray(inp["text"]),
+                            jnp.asarray(inp["ref_text"]), jnp.asarray(inp["image_embeds"]),
+                            jnp.asarray(inp["ref_image_embeds"]))
+    # Our I2V mask is the one the official processors built (target and reference alike).
+    m = inp["mask"].shape[1]
+    np.testing.assert_array_equal(cond["condition"][..., :m], cl("mask"), err_msg="target mask")
+    np.testing.assert_array_equal(cond["ref_latents"][..., cfg.out_channels:cfg.out_channels + m], cl("mask"),
+                                  err_msg="reference mask")
+    x0, noise, sigma = cl("x0"), cl("noise"), jnp.asarray(inp["sigmas"])
+    trainable, frozen = training.split_params(params)
+    model = wan.WanTransformer(cfg)
+
+    def loss_fn(tr, ref_t):
+        predict = training.wan_predictor(model, vtree.merge(tr, frozen), cond, ref_t)
+        return training.flow_matching_loss(predict, x0, noise, sigma, t)
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    loss, grads = step(trainable, jnp.ones_like(t))
+    compare_step(case, meta, loss, grads, expected, want_grads, wan_rules(cfg, wan_target_shapes(cfg)))
+    # The tolerance catches CogVideoX's convention (the expert modulated by the target's t, not 1).
+    wrong_err = rel_err(np.reshape(step(trainable, t)[0], (1,)), expected["loss"])
+    print(f"{case.name}: with the reference at the target's t the loss is off by {wrong_err:.1e}")
+    assert wrong_err > 1e-3
 
 
 HANDLERS = {"CogVideoXTransformer3DMOTModel": check_cogvideox_step, "WanTransformer3DMOTModel": check_wan_step}

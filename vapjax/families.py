@@ -2,7 +2,8 @@
 
 A family names what differs between them for the entry points:
 
-  transformer_kind  the `vapjax.checkpoint.KINDS` key of its diffusion transformer (VAP model)
+  transformer_kind  the `vapjax.checkpoint.KINDS` key of its diffusion transformer (VAP model); its
+                    config class is `checkpoint.KINDS[transformer_kind]`
   pipeline          the generation pipeline class: `Pipeline.load(folder, dtype=, attention=, tiling=)`
                     (or `Pipeline.random_from_config(model_section, ...)`) returns a callable
                     `pipe(image, ref_videos, request)`; `Pipeline.validate(image, ref_videos, request)`
@@ -10,22 +11,30 @@ A family names what differs between them for the entry points:
   request           the pipeline's Request dataclass (sample.py fills its fields from a config)
   objective         `objective(train_config, model_config) -> objective(params, batch, rng, empty_text)
                     -> loss`, the training objective `vapjax.training.make_train_step` takes
+  param_shapes      model config -> the transformer's parameter tree as ShapeDtypeStructs (random init)
+  synthetic_data    `(train_config, model_config) -> (iterator, empty-caption embedding)`: a fixed random
+                    dataset in the family's batch format (`vapjax.data.random_latents`)
+  text_length       `(train_config, model_config) -> int`: the caption length the data path encodes to
+  sequence_length   `(model_config, batch) -> int`: tokens of one sample's joint attention (throughput)
+  convert_hint      how to make a trainable checkpoint (expert initialised) from the stock one
 
-A family is one entry here, next to its converter (`convert/__main__.py` MODELS, `convert/pipeline.py`
-PIPELINES) and its checkpoint kind (`vapjax.checkpoint.KINDS`).
-`sample.py` and `train.py` look the family up by name (`get(c.family)`) or from a converted folder
-(`of_checkpoint(path)`).
+A family is one entry here, next to its converter (`convert/__main__.py` MODELS/PIPELINES) and checkpoint
+kind (`vapjax.checkpoint.KINDS`); the precomputed-data encoders are chosen by the pipeline's VAE kind
+(`vapjax.data.precompute.FEATURES`). `sample.py` and `train.py` look the family up by name
+(`get(c.family)`) or from a converted folder (`of_checkpoint(path)`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 from vapjax import checkpoint, sampling, training
-from vapjax.models import cogvideox
+from vapjax.data.random_latents import RandomLatents, RandomWanLatents
+from vapjax.models import cogvideox, wan
 from vapjax.pipelines import cogvideox_vap, wan_vap
 
 
@@ -35,6 +44,11 @@ class Family:
     pipeline: type
     request: type                      # the pipeline's Request dataclass
     objective: Callable[[Any, Any], Callable]
+    param_shapes: Callable[[Any], Any]
+    synthetic_data: Callable[[Any, Any], tuple[Any, np.ndarray]]
+    text_length: Callable[[Any, Any], int]
+    sequence_length: Callable[[Any, Mapping[str, np.ndarray]], int]
+    convert_hint: str
 
 
 def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
@@ -45,14 +59,55 @@ def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
                                         dtype=jnp.dtype(cfg.dtype))
 
 
-def _wan_objective(c, cfg) -> Callable:
-    raise ValueError("Wan-VAP training is not implemented yet (vapjax.training has no Wan objective)")
+def _cogvideox_synthetic(c, cfg: cogvideox.CogVideoXConfig):
+    data = RandomLatents(size=c.data.size, batch_size=c.batch_size, frames=cfg.latent_frames,
+                         height=cfg.sample_height, width=cfg.sample_width, channels=cfg.out_channels,
+                         text_len=cfg.max_text_seq_length, text_dim=cfg.text_embed_dim,
+                         num_refs=c.data.num_refs, seed=c.data.seed)
+    return data, data.empty_text
+
+
+def _cogvideox_sequence(cfg: cogvideox.CogVideoXConfig, batch) -> int:
+    """[caption ; video] of the target and of each reference."""
+    f, h, w = np.shape(batch["latent_dist"])[1:4]
+    return (cfg.max_text_seq_length + f * h * w // cfg.patch_size ** 2) * (1 + np.shape(batch["ref_text"])[1])
+
+
+def _wan_objective(c, cfg: wan.WanConfig) -> Callable:
+    """Flow matching (spec §7.4) with the caption dropout of config `c`; the expert at reference timestep 1."""
+    return training.wan_objective(wan.WanTransformer(cfg), caption_dropout=c.caption_dropout,
+                                  dtype=jnp.dtype(cfg.dtype))
+
+
+def _wan_synthetic(c, cfg: wan.WanConfig):
+    """Latent clips of c.data.latent_size (f, h, w), captions of c.data.text_len, CLIP of c.data.image_len."""
+    f, h, w = c.data.latent_size
+    data = RandomWanLatents(size=c.data.size, batch_size=c.batch_size, frames=f, height=h, width=w,
+                            channels=cfg.out_channels, text_len=c.data.text_len, text_dim=cfg.text_dim,
+                            image_len=c.data.image_len, image_dim=cfg.image_dim, num_refs=c.data.num_refs,
+                            seed=c.data.seed)
+    return data, data.empty_text
+
+
+def _wan_sequence(cfg: wan.WanConfig, batch) -> int:
+    """[target video ; reference video] (Wan's joint self-attention has no text)."""
+    grid = [n // p for n, p in zip(np.shape(batch["latent_dist"])[1:4], cfg.patch_size)]
+    return 2 * int(np.prod(grid))
 
 
 FAMILIES: dict[str, Family] = {
-    "cogvideox": Family("cogvideox_transformer", cogvideox_vap.CogVideoXVAP, cogvideox_vap.Request,
-                        _cogvideox_objective),
-    "wan": Family("wan_transformer", wan_vap.WanVAP, wan_vap.Request, _wan_objective),
+    "cogvideox": Family(
+        transformer_kind="cogvideox_transformer", pipeline=cogvideox_vap.CogVideoXVAP, request=cogvideox_vap.Request,
+        objective=_cogvideox_objective,
+        param_shapes=cogvideox.param_shapes, synthetic_data=_cogvideox_synthetic,
+        text_length=lambda c, cfg: cfg.max_text_seq_length, sequence_length=_cogvideox_sequence,
+        convert_hint="python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40"),
+    "wan": Family(
+        transformer_kind="wan_transformer", pipeline=wan_vap.WanVAP, request=wan_vap.Request, objective=_wan_objective,
+        param_shapes=wan.param_shapes, synthetic_data=_wan_synthetic,
+        text_length=lambda c, cfg: c.data.text_len, sequence_length=_wan_sequence,
+        convert_hint="python -m convert Wan2.1-I2V-14B-480P-Diffusers/transformer OUT --init-expert copy "
+                     "--expert-layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30,32,34,36,38"),
 }
 
 

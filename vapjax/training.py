@@ -139,6 +139,43 @@ def cogvideox_inputs(batch: Mapping[str, Array], rng: Array, scaling_factor: flo
     return dict(x0=x0, **cond)
 
 
+def wan_inputs(batch: Mapping[str, Array], rng: Array, empty_text: Array, caption_dropout: float,
+               dtype) -> dict[str, Array]:
+    """Model inputs from a Wan batch (vapjax.data, spec §4.3, §8.9): x0 and the reference latents are fresh
+    draws from posteriors whose mean AND log-variance the data path already normalised per channel (the
+    official quirk; the draw clips the normalised log-variance to [−30, 20] as the official
+    DiagonalGaussianDistribution does); the conditions are normalised posterior modes. Through
+    `conditioning.wan` (the pipeline's input contract): [mask | condition] beside the noisy latents, the
+    expert's [reference | mask | reference condition], captions and CLIP embeddings. Caption dropout
+    (spec §7.5) blanks the target and the reference caption of a sample together. Wan takes exactly one
+    reference: batches carry it on a reference axis of length 1, as the loader's."""
+    n = batch["ref_latent_dist"].shape[1]
+    if n != 1:
+        raise ValueError(f"Wan-VAP trains with exactly one reference (the official model asserts it); "
+                         f"the batch has {n} (set data.num_refs=1)")
+    k = iter(jax.random.split(rng, 3))
+    z = lambda d: Posterior.from_concat(d.astype(jnp.float32)).sample(next(k)).astype(dtype)
+    x0, ref_latents = z(batch["latent_dist"]), z(batch["ref_latent_dist"][:, 0])
+    drop = jax.random.uniform(next(k), (x0.shape[0],)) < caption_dropout
+    blank = lambda text: jnp.where(drop.reshape((-1,) + (1,) * (text.ndim - 1)), empty_text, text).astype(dtype)
+    cast = lambda key: batch[key].astype(dtype)
+    cond = conditioning.wan(cast("condition"), ref_latents, batch["ref_condition"][:, 0].astype(dtype),
+                            blank(batch["text"]), blank(batch["ref_text"][:, 0]), cast("image_embeds"),
+                            batch["ref_image_embeds"][:, 0].astype(dtype))
+    return dict(x0=x0, **cond)
+
+
+def wan_predictor(model, params, cond: Mapping[str, Array], ref_t: int = 1) -> Callable[[Array, Array], Array]:
+    """predict(x_t, t) -> the flow prediction: the model on [x_t | mask | condition] with the reference,
+    captions and CLIP embeddings of `cond` (the output of `conditioning.wan`) and the expert at the fixed
+    reference timestep `ref_t` (1 = ⌊0.001·1000⌋ in the official trainer and pipeline, spec §7.4)."""
+    def predict(x_t, t):
+        latents = jnp.concatenate([x_t, cond["condition"].astype(x_t.dtype)], axis=-1)
+        return model.apply({"params": params}, latents, cond["text"], cond["image"], t, cond["ref_latents"],
+                           cond["ref_text"], cond["ref_image"], ref_t)
+    return predict
+
+
 def cogvideox_predictor(model, params, cond: Mapping[str, Array]) -> Callable[[Array, Array], Array]:
     """predict(x_t, t) -> v̂: the model on [x_t | image condition] with the references of `cond`
     (the output of `conditioning.cogvideox`)."""
@@ -214,11 +251,27 @@ def cogvideox_objective(model, alphas_cumprod: np.ndarray, *, scaling_factor: fl
     return objective
 
 
+def wan_objective(model, *, caption_dropout: float, dtype, num_train_timesteps: int = 1000,
+                  ref_t: int = 1) -> Callable:
+    """objective(params, batch, rng, empty_text) -> loss: Wan-VAP flow matching on a Wan batch (spec §7.4):
+    fresh posterior draws, the official logit-normal (σ, t) draw, x_t = (1−σ) x0 + σ ε, target ε − x0,
+    unit weights, float32 MSE on the target only; the reference is clean with timestep `ref_t`."""
+
+    def objective(params, batch, rng, empty_text):
+        k_in, k_t, k_noise = jax.random.split(rng, 3)
+        x = wan_inputs(batch, k_in, empty_text, caption_dropout, dtype)
+        sigma, t = flow_sigmas(k_t, x["x0"].shape[0], num_train_timesteps)
+        noise = jax.random.normal(k_noise, x["x0"].shape).astype(dtype)
+        return flow_matching_loss(wan_predictor(model, params, x, ref_t), x["x0"], noise, sigma, t)
+
+    return objective
+
+
 def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: optax.Schedule) -> Callable:
     """train_step(state, frozen, batch, rng, empty_text) -> (state, metrics) for any
-    objective(params, batch, rng, empty_text) -> loss (e.g. `cogvideox_objective`; a Wan objective would
-    wrap `flow_matching_loss` the same way). Gradients flow only into `state.params`; `frozen` is a plain
-    input. Randomness is folded from (rng, step), so a resumed run draws what an uninterrupted one would."""
+    objective(params, batch, rng, empty_text) -> loss (`cogvideox_objective`, `wan_objective`). Gradients
+    flow only into `state.params`; `frozen` is a plain input. Randomness is folded from (rng, step), so a
+    resumed run draws what an uninterrupted one would."""
 
     def loss_fn(trainable, frozen, batch, rng, empty_text):
         return objective(vtree.merge(trainable, frozen), batch, rng, empty_text)

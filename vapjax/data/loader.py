@@ -6,8 +6,9 @@ Two dataset kinds (both array_record, read through TFDS's data source; TensorFlo
 
 A batch is a dict of numpy arrays, B = batch size, N = num_refs:
     raw:      video uint8 [B,F,H,W,3]   caption str [B]   ref_video [B,N,F,H,W,3]   ref_caption str [B,N]
-    latents:  latent_dist [B,f,h,w,2C]  image_dist [B,1,h,w,2C]  text [B,L,D]   (mean ‖ logvar on channels)
-              ref_latent_dist [B,N,f,h,w,2C]  ref_image_dist [B,N,1,h,w,2C]  ref_text [B,N,L,D]
+    latents:  every field the family's precompute stored (`vapjax.data.features`), e.g. CogVideoX's
+              latent_dist [B,f,h,w,2C]  image_dist [B,1,h,w,2C]  text [B,L,D]   (mean ‖ logvar on channels)
+              and each as ref_<field> [B,N,...]: ref_latent_dist [B,N,f,h,w,2C]  ref_text [B,N,L,D] ...
     both:     index int64 [B] (target example), ref_index int64 [B,N] (reference examples),
               ref_count int64 [B] (distinct references; < N only with allow_fewer_refs)
 
@@ -34,7 +35,10 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-FIELDS = {"raw": ("video", "caption"), "latents": ("latent_dist", "image_dist", "text")}
+# Fields a dataset of each kind must have. A latents dataset's other fields (its family's conditions)
+# come along: every feature but the BOOKKEEPING ones is paired.
+FIELDS = {"raw": ("video", "caption"), "latents": ("latent_dist", "text")}
+BOOKKEEPING = ("ref_index", "path", "kind")
 EMPTY_TEXT = "empty_text.npy"
 
 
@@ -164,7 +168,8 @@ def make_loader(source, *, kind: str = "latents", batch_size: int, num_refs: int
     if min_refs is not None and min_refs < num_refs and not allow_fewer_refs:
         raise ValueError(f"{builder.data_dir}: some examples have only {min_refs} reference(s); num_refs={num_refs} "
                          "needs allow_fewer_refs=True")
-    paired = PairedSource(builder.as_data_source(split=split), FIELDS[kind], num_refs=num_refs, seed=seed,
+    fields = FIELDS[kind] if kind == "raw" else tuple(f for f in builder.info.features if f not in BOOKKEEPING)
+    paired = PairedSource(builder.as_data_source(split=split), fields, num_refs=num_refs, seed=seed,
                           allow_fewer_refs=allow_fewer_refs, caption_dropout=caption_dropout,
                           dropout=_dropout_values(builder, kind) if caption_dropout > 0 else {})
     if shard_options is None:

@@ -1,9 +1,11 @@
-"""A small, fixed, paired dataset of random VAE posteriors and caption embeddings, in memory.
+"""Small, fixed, paired datasets of random VAE posteriors and encoder outputs, in memory.
 
-For smoke tests, the tiny training config and benchmarks: batches have exactly the format of the
-precomputed VAP-Data loader (`latent_dist`, `image_dist`, `text`, `ref_*`, `index`), the examples are fixed (so a
-model can fit them and the loss must fall), and the iterator is deterministic, host-sharded and
-checkpointable (`get_state` / `set_state`) like the real one.
+For smoke tests, the tiny training configs and benchmarks: batches have exactly the format of the
+precomputed VAP-Data loader of their family (`RandomLatents`: CogVideoX's `latent_dist`, `image_dist`,
+`text`; `RandomWanLatents`: Wan's `latent_dist`, `condition`, `image_embeds`, `text`; each also as
+`ref_*` with a reference axis, plus `index` and `ref_index`), the examples are fixed (so a model can fit
+them and the loss must fall), and the iterator is deterministic, host-sharded and checkpointable
+(`get_state` / `set_state`) like the real one.
 """
 from __future__ import annotations
 
@@ -11,25 +13,27 @@ import jax
 import numpy as np
 
 
-class RandomLatents:
-    """`size` examples; each epoch is a seeded permutation; each host takes its slice of a global batch."""
+def _posteriors(rng: np.random.Generator, shape: tuple[int, ...], channels: int) -> np.ndarray:
+    """mean ‖ logvar on channels: standard normal means, small variance (logvar −4)."""
+    return np.concatenate([rng.standard_normal(shape + (channels,), np.float32),
+                           np.full(shape + (channels,), -4.0, np.float32)], -1)
 
-    def __init__(self, *, size: int, batch_size: int, frames: int, height: int, width: int, channels: int,
-                 text_len: int, text_dim: int, num_refs: int = 1, seed: int = 0,
-                 process_index: int | None = None, process_count: int | None = None):
+
+class _PairedExamples:
+    """`size` examples of `self.fields` (arrays with a leading example axis); each epoch is a seeded
+    permutation; each host takes its slice of a global batch; every field also comes as `ref_<field>`
+    [B, num_refs, ...] for each example's references (other examples, drawn per step)."""
+
+    fields: dict[str, np.ndarray]
+    empty_text: np.ndarray
+
+    def __init__(self, *, size: int, batch_size: int, num_refs: int, seed: int,
+                 process_index: int | None, process_count: int | None):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if batch_size % self.process_count:
             raise ValueError(f"global batch {batch_size} does not split over {self.process_count} hosts")
         self.batch_size, self.num_refs, self.seed, self.size = batch_size, num_refs, seed, size
-        rng = np.random.default_rng(seed)
-        dist = lambda *s: np.concatenate([rng.standard_normal(s + (channels,), np.float32),
-                                          np.full(s + (channels,), -4.0, np.float32)], -1)  # small variance
-        self.latent_dist = dist(size, frames, height, width)
-        self.image_dist = np.concatenate([self.latent_dist[:, :1, ..., :channels],
-                                          self.latent_dist[:, :1, ..., channels:]], -1)
-        self.text = rng.standard_normal((size, text_len, text_dim), np.float32)
-        self.empty_text = rng.standard_normal((text_len, text_dim), np.float32)
         self.step = 0
 
     def _indices(self, step: int) -> np.ndarray:
@@ -55,9 +59,8 @@ class RandomLatents:
         sl = slice(self.process_index * local, (self.process_index + 1) * local)
         idx, refs = idx[sl], refs[sl]
         self.step += 1
-        return {"latent_dist": self.latent_dist[idx], "image_dist": self.image_dist[idx], "text": self.text[idx],
-                "ref_latent_dist": self.latent_dist[refs], "ref_image_dist": self.image_dist[refs],
-                "ref_text": self.text[refs], "index": idx, "ref_index": refs}
+        return {**{k: v[idx] for k, v in self.fields.items()}, **{f"ref_{k}": v[refs] for k, v in self.fields.items()},
+                "index": idx, "ref_index": refs}
 
     def get_state(self) -> dict:
         return {"step": self.step, "seed": self.seed}
@@ -66,3 +69,41 @@ class RandomLatents:
         if state["seed"] != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this run uses {self.seed}")
         self.step = int(state["step"])
+
+
+class RandomLatents(_PairedExamples):
+    """CogVideoX: each clip's posterior, its first frame's (the clip's first latent frame) and a caption."""
+
+    def __init__(self, *, size: int, batch_size: int, frames: int, height: int, width: int, channels: int,
+                 text_len: int, text_dim: int, num_refs: int = 1, seed: int = 0,
+                 process_index: int | None = None, process_count: int | None = None):
+        super().__init__(size=size, batch_size=batch_size, num_refs=num_refs, seed=seed,
+                         process_index=process_index, process_count=process_count)
+        rng = np.random.default_rng(seed)
+        latent_dist = _posteriors(rng, (size, frames, height, width), channels)
+        self.fields = {"latent_dist": latent_dist,
+                       "image_dist": np.concatenate([latent_dist[:, :1, ..., :channels],
+                                                     latent_dist[:, :1, ..., channels:]], -1),
+                       "text": rng.standard_normal((size, text_len, text_dim), np.float32)}
+        self.empty_text = rng.standard_normal((text_len, text_dim), np.float32)
+
+
+class RandomWanLatents(_PairedExamples):
+    """Wan (spec §4.3): each clip's normalised posterior, its condition (the normalised mode of [first
+    frame, black frames…]: here the clip's first latent frame, then one fixed "black frame" latent), the
+    CLIP embedding of its first frame and a caption. One reference per example, as Wan-VAP trains."""
+
+    def __init__(self, *, size: int, batch_size: int, frames: int, height: int, width: int, channels: int,
+                 text_len: int, text_dim: int, image_len: int, image_dim: int, num_refs: int = 1, seed: int = 0,
+                 process_index: int | None = None, process_count: int | None = None):
+        super().__init__(size=size, batch_size=batch_size, num_refs=num_refs, seed=seed,
+                         process_index=process_index, process_count=process_count)
+        rng = np.random.default_rng(seed)
+        latent_dist = _posteriors(rng, (size, frames, height, width), channels)
+        black = np.broadcast_to(rng.standard_normal(channels).astype(np.float32),
+                                (size, frames - 1, height, width, channels))
+        self.fields = {"latent_dist": latent_dist,
+                       "condition": np.concatenate([latent_dist[:, :1, ..., :channels], black], 1),
+                       "image_embeds": rng.standard_normal((size, image_len, image_dim), np.float32),
+                       "text": rng.standard_normal((size, text_len, text_dim), np.float32)}
+        self.empty_text = rng.standard_normal((text_len, text_dim), np.float32)

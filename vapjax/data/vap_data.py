@@ -270,6 +270,7 @@ class VapData(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         make_config(name="49x480x720"),                           # CogVideoX single-node recipe
         make_config(score_threshold=10, name="49x480x720_score10"),  # multi-node / 3-ref recipes
+        make_config(49, 480, 832, score_threshold=10, name="49x480x832_score10"),  # Wan recipes
         make_config(9, 64, 96, name="tiny"),                      # tests and demos
     ]
 

@@ -482,9 +482,13 @@ class AutoencoderKLWan(nn.Module):
 
     def encode(self, video: Array) -> Posterior:
         """video [B, F, H, W, C] in [-1, 1] -> posterior over latents [B, f, h, w, z_dim]."""
-        h = self._run(self.encoder, ENCODER_CHUNK, video.astype(self.config.dtype), encoding=True)
-        mean, logvar = jnp.split(h, 2, axis=-1)
+        mean, logvar = jnp.split(self.moments(video), 2, axis=-1)
         return Posterior(mean, jnp.clip(logvar, -30.0, 20.0))
+
+    def moments(self, video: Array) -> Array:
+        """The encoder's raw output, mean ‖ log-variance [B, f, h, w, 2·z_dim], log-variance not yet clipped
+        (the official Wan trainer normalises these moments before it builds the posterior, spec §8.9)."""
+        return self._run(self.encoder, ENCODER_CHUNK, video.astype(self.config.dtype), encoding=True)
 
     def decode(self, z: Array) -> Array:
         """latents [B, f, h, w, z_dim] (denormalised) -> video in [-1, 1]."""
