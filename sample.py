@@ -1,13 +1,19 @@
-"""Generate a video with Video-As-Prompt (CogVideoX) in JAX.
+"""Generate a video with Video-As-Prompt (CogVideoX or Wan) in JAX.
 
-    python sample.py --config configs/cog_vap_tiny.py                  # tiny random model, no download
+    python sample.py --config configs/cog_vap_tiny.py                  # tiny random models, no download
+    python sample.py --config configs/wan_vap_tiny.py
     python sample.py --config configs/cog_vap.py --config.checkpoint=... --config.image=... \
         --config.ref_video=... --config.prompt=... --config.ref_prompt=...
+    python sample.py --config configs/wan_vap.py --config.checkpoint=...   (same fields)
 
+The pipeline is the config's `family` in `vapjax.families` (checked against the converted checkpoint's;
+an empty `family` takes the checkpoint's). Every config field other than sample.py's own (RUN_KEYS) is a
+field of that family's Request; a field the family does not have is an error.
 Bad input (missing or unreadable files, a too-short reference for "first"/"random", an impossible
-resolution, a folder that is not a converted checkpoint, a setting that cannot take effect) ends with
-one `error: ...` line and exit status 2.
+resolution, too many references, a folder that is not a converted checkpoint or holds another family,
+a setting that cannot take effect) ends with one `error: ...` line and exit status 2.
 """
+import dataclasses
 import resource
 import sys
 import time
@@ -18,13 +24,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from vapjax import video
+from vapjax import compile_cache, families, video
 from vapjax.checkpoint import CheckpointError
-from vapjax.models import cogvideox, cogvideox_vae, t5
-from vapjax.pipelines.cogvideox_vap import CogVideoXVAP, Request
 from vapjax.video import VideoError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/cog_vap.py", lock_config=False)
+
+# Config fields sample.py itself reads; every other field is one of the family's Request fields.
+RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
+            "vae_tiling", "random_init", "model")
 
 
 def check_settings(c) -> None:
@@ -32,28 +40,47 @@ def check_settings(c) -> None:
     if c.random_init and c.checkpoint:
         raise ValueError(f"--config.checkpoint={c.checkpoint} has no effect with random_init=True (random "
                          "weights from config.model): drop one of them")
-    if c.random_init and "model" not in c:
-        raise ValueError("random_init=True needs config.model (the random model's sizes, see configs/cog_vap_tiny.py)")
+    if c.random_init and ("model" not in c or not c.get("family")):
+        raise ValueError("random_init=True needs config.family and config.model (the random model's sizes, "
+                         "see configs/cog_vap_tiny.py)")
     if not c.random_init and not c.checkpoint:
         raise ValueError("no checkpoint: pass --config.checkpoint=<converted pipeline folder>")
-    if c.guidance_scale <= 1 and c.dynamic_cfg:
+    if c.get("dynamic_cfg") and c.guidance_scale <= 1:
         raise ValueError(f"dynamic_cfg=True has no effect with guidance_scale={c.guidance_scale} (no "
                          "classifier-free guidance at <= 1): set --config.dynamic_cfg=False")
-    if c.frames_per_reference_length and c.frames_selection != "evenly":
+    if c.get("frames_per_reference_length") and c.frames_selection != "evenly":
         raise ValueError(f"frames_per_reference_length=True has no effect with frames_selection="
                          f"{c.frames_selection!r} (it only changes 'evenly')")
 
 
-def build_pipeline(c) -> CogVideoXVAP:
+def family_name(c) -> str:
+    """The config's family, else the converted checkpoint's."""
+    return c.get("family") or families.of_checkpoint(c.checkpoint)
+
+
+def make_request(c, name: str):
+    """The family's Request from the config's fields; a field it does not have is an error."""
+    request = families.get(name).request
+    fields = {f.name for f in dataclasses.fields(request)}
+    unknown = sorted(k for k in c.keys() if k not in RUN_KEYS and k not in fields)
+    if unknown:
+        raise ValueError(f"setting(s) {', '.join(unknown)} do not apply to the {name} pipeline")
+    ref_prompts = tuple(c.ref_prompt.split("|")) if c.ref_prompt else ()
+    return request(ref_prompts=ref_prompts, **{k: c[k] for k in fields if k in c and k != "ref_prompts"})
+
+
+def build_pipeline(c):
+    name = family_name(c)
+    if not c.random_init and c.get("family"):
+        found = families.of_checkpoint(c.checkpoint)
+        if found != name:
+            raise CheckpointError(f"{c.checkpoint}: a {found} checkpoint, but this config is for {name} "
+                                  f"(use a {found} config, or --config.family={found})")
+    pipeline = families.get(name).pipeline
+    opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling)
     if c.random_init:
-        m = c.model
-        return CogVideoXVAP.random(
-            cogvideox.CogVideoXConfig(**m.transformer.to_dict(), dtype=c.dtype or "float32",
-                                      param_dtype=c.dtype or "float32", attention=c.attention or None),
-            cogvideox_vae.VAEConfig(**m.vae.to_dict()), t5.T5Config(**m.text_encoder.to_dict()),
-            m.tokenizer, m.scheduler.to_dict(), seed=m.seed, tiling=c.vae_tiling)
-    return CogVideoXVAP.load(c.checkpoint, dtype=c.dtype or None, attention=c.attention or None,
-                             tiling=c.vae_tiling)
+        return pipeline.random_from_config(c.model, **opts)
+    return pipeline.load(c.checkpoint, **opts)
 
 
 def peak_memory() -> str:
@@ -66,9 +93,9 @@ def peak_memory() -> str:
 def run(c) -> None:
     check_settings(c)
     ref_paths = [p for p in c.ref_video.split("|") if p]
-    ref_prompts = tuple(c.ref_prompt.split("|")) if c.ref_prompt else ()
     if not c.image or not ref_paths:
         raise ValueError("pass --config.image=<image> and --config.ref_video=<reference video>")
+    req = make_request(c, family_name(c))
     image = video.read_image(c.image)
     refs = []
     for p in ref_paths:
@@ -76,12 +103,6 @@ def run(c) -> None:
         if c.frames_selection != "evenly":  # "evenly" repeats frames of a short reference, as the official
             video.require_frames(p, frames, c.num_frames)
         refs.append(frames)
-    req = Request(prompt=c.prompt, ref_prompts=ref_prompts, negative_prompt=c.negative_prompt,
-                  negative_ref_prompt=c.negative_ref_prompt, height=c.height, width=c.width,
-                  num_frames=c.num_frames, steps=c.steps, guidance_scale=c.guidance_scale,
-                  dynamic_cfg=c.dynamic_cfg, max_sequence_length=c.max_sequence_length,
-                  frames_selection=c.frames_selection, frames_per_reference_length=c.frames_per_reference_length,
-                  posterior=c.posterior, seed=c.seed)
 
     t0 = time.time()
     pipe = build_pipeline(c)
@@ -103,6 +124,7 @@ def main(argv):
     # imageio's ffmpeg subprocess (fork + immediate exec) trips JAX's at-fork warning; it is harmless.
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     logging.set_verbosity(logging.WARNING)  # absl would print JAX's backend probing at INFO
+    compile_cache.enable()  # a second run starts in seconds; VAPJAX_NO_COMPILE_CACHE=1 turns it off
     try:
         run(_CONFIG.value)
     except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -40,13 +40,16 @@ def synthetic_params(cfg, mesh):
 
 
 def timed(fn, *args, repeats=5):
+    """(median, times, first call): the first call compiles, so first − median ≈ compile time."""
+    t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))                    # compile + warm up
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)), times
+    return float(np.median(times)), times, first
 
 
 def main():
@@ -55,7 +58,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--refs", type=int, default=1)
     ap.add_argument("--remat", default="full")
-    ap.add_argument("--attention", default=None, help="None (JAX chooses), xla, cudnn")
+    ap.add_argument("--attention", default=None, help="vapjax.attention: None (auto), xla, cudnn, blockwise")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -106,13 +109,13 @@ def main():
         run_args = ()
         flops = 3 * analytic_flops(cfg, **sizes)
 
-    median, times = timed(fn, *run_args, repeats=args.repeats)
+    median, times, first = timed(fn, *run_args, repeats=args.repeats)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
     result = {"what": args.what, "device": dev.device_kind, "batch": args.batch, "refs": args.refs,
               "remat": args.remat, "attention": args.attention, "tiny": args.tiny,
-              "median_s": median, "times_s": times, "tflops": flops / median / 1e12,
+              "median_s": median, "times_s": times, "compile_s": first - median, "tflops": flops / median / 1e12,
               "mfu": flops / median / peak if peak else None,
               "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None}
     print(json.dumps(result))

@@ -17,6 +17,7 @@ from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.family = "cogvideox"            # vapjax.families entry; "" takes the checkpoint's
     c.checkpoint = ""                 # a converted pipeline folder (python -m convert SRC DST)
     c.image = ""                      # the image to animate
     c.ref_video = ""                  # reference video(s), "|"-separated
@@ -38,7 +39,7 @@ def get_config():
     c.posterior = "sample"            # VAE encodes: "sample" (official) or "mode"
     c.seed = 0
     c.dtype = "bfloat16"              # weights and compute; "" keeps the stored dtype
-    c.attention = ""                  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+    c.attention = ""                  # vapjax.attention implementation: "" (auto), "xla", "cudnn", "blockwise"
     c.vae_tiling = True               # spatial tiles for the VAE (needed for 480x720 on one GPU)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
     return c

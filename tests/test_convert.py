@@ -102,3 +102,22 @@ def test_vae_follows_the_one_storage_dtype_rule(tmp_path):
     cli.convert_folder(str(src), str(tmp_path / "out32"))
     cfg32, _ = checkpoint.load(str(tmp_path / "out32"), "cogvideox_vae")
     assert cfg32.dtype == cfg32.param_dtype == "float32"
+
+
+def test_pipeline_folder_is_checked_before_any_weight(tmp_path):
+    """Whole-pipeline conversion (a PipelineSpec per class): a missing component folder, an unexpected
+    component and a bad image processor or scheduler are one line, before any weights are read."""
+    golden = golden_dir() / "wan_pipeline_tiny"
+    src = tmp_path / "src"
+    src.mkdir()
+    for part in ("transformer", "vae", "text_encoder", "image_encoder", "tokenizer", "scheduler"):
+        (src / part).symlink_to(golden / part)
+    index = json.loads((golden / "model_index.json").read_text())
+    (src / "model_index.json").write_text(json.dumps(index))
+    one_line_error(lambda: cli.convert_folder(str(src), str(tmp_path / "out")), "pipeline folder lacks image_processor")
+    (src / "image_processor").mkdir()
+    (src / "image_processor" / "preprocessor_config.json").write_text('{"image_processor_type": "SiglipImageProcessor"}')
+    one_line_error(lambda: cli.convert_folder(str(src), str(tmp_path / "out")), "not a CLIPImageProcessor")
+    (src / "model_index.json").write_text(json.dumps({**index, "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    one_line_error(lambda: cli.convert_folder(str(src), str(tmp_path / "out")), "unexpected components transformer_2")
+    assert not (tmp_path / "out").exists()

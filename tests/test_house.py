@@ -19,6 +19,7 @@ from conftest import ROOT
 from vapjax import checkpoint, families, sharding
 from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
+from vapjax.pipelines.wan_vap import WanVAP
 from vapjax.random_init import random_params
 from vapjax.tree import flatten
 
@@ -91,8 +92,9 @@ def test_checkpoint_errors_are_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_families_registry(tmp_path):
-    fam = families.get("cogvideox")
-    assert fam.pipeline is CogVideoXVAP and fam.transformer_kind in checkpoint.KINDS
+    for name, pipeline, kind in [("cogvideox", CogVideoXVAP, "cogvideox_transformer"), ("wan", WanVAP, "wan_transformer")]:
+        fam = families.get(name)
+        assert fam.pipeline is pipeline and fam.transformer_kind == kind and kind in checkpoint.KINDS
     with pytest.raises(ValueError, match="unknown model family 'hunyuan' \\(known: cogvideox, wan\\)"):
         families.get("hunyuan")
     for name, family in families.FAMILIES.items():

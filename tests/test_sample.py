@@ -1,4 +1,6 @@
-"""sample.py end to end on the tiny random-weight config, and its one-line errors on bad input."""
+"""sample.py end to end on the tiny random-weight configs (CogVideoX and Wan), and its one-line errors
+on bad input."""
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 import sample
-from configs import cog_vap, cog_vap_tiny
+from configs import cog_vap, cog_vap_tiny, wan_vap_tiny
 from conftest import ROOT, golden_dir
 from vapjax import video
 from vapjax.models import cogvideox, cogvideox_vae
@@ -15,8 +17,8 @@ from vapjax.pipelines.cogvideox_vap import CogVideoXVAP, Component, Output
 from vapjax.video import read_video
 
 
-def sample_cli(*overrides):
-    args = [sys.executable, "sample.py", "--config", "configs/cog_vap_tiny.py", *overrides]
+def sample_cli(*overrides, config="configs/cog_vap_tiny.py"):
+    args = [sys.executable, "sample.py", "--config", config, *overrides]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -94,3 +96,60 @@ def test_short_demo_reference_with_the_full_config(tmp_path, monkeypatch):
     assert len(read_video(tiny.ref_video)[0]) == 13
     np.testing.assert_array_equal(pipe.picks[0], np.floor(np.linspace(0, 12, 49)).astype(int))
     assert (tmp_path / "out.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wan
+
+WAN_TINY = "configs/wan_vap_tiny.py"
+
+
+def test_wan_tiny_sample_writes_video(tmp_path):
+    run = sample_cli(f"--config.output={tmp_path / 'wan.mp4'}", config=WAN_TINY)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "wrote" in run.stdout and "memory:" in run.stdout
+    frames, fps = read_video(tmp_path / "wan.mp4")
+    c = wan_vap_tiny.get_config()
+    assert frames.shape == (c.num_frames, c.height, c.width, 3) and fps == c.fps
+    assert frames.std() > 1  # not a constant image
+
+
+def fake_converted_pipeline(path, kind):
+    """A folder that names a transformer kind and nothing else (family checks read only that)."""
+    (path / "transformer").mkdir(parents=True)
+    (path / "pipeline.json").write_text("{}")
+    (path / "transformer" / "config.json").write_text(json.dumps({"vapjax_component": kind, "format": 1, "config": {}}))
+    return path
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.image=/nonexistent/cat.png"], "/nonexistent/cat.png"),
+    (["--config.ref_video={garbage}"], "garbage.mp4"),
+    (["--config.height=40"], "40x96: height and width must be positive multiples of 16"),
+    (["--config.num_frames=10"], "4k+1"),
+    (["--config.ref_video={demo}|{demo}", "--config.ref_prompt=a|b"], "2 reference videos: Wan-VAP takes exactly one"),
+    (["--config.random_init=False", "--config.checkpoint={cog}"], "a cogvideox checkpoint, but this config is for wan"),
+    (["--config.random_init=False", "--config.checkpoint={golden}"], "python -m convert"),
+])
+def test_wan_bad_input_one_line_error(tmp_path, overrides, message):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"this is not a video")
+    cog = fake_converted_pipeline(tmp_path / "cog", "cogvideox_transformer")
+    values = dict(garbage=garbage, demo=wan_vap_tiny.get_config().ref_video, cog=cog,
+                  golden=golden_dir() / "wan_pipeline_tiny")
+    run = sample_cli(*[o.format(**values) for o in overrides], config=WAN_TINY)
+    assert run.returncode == 2, run.stderr[-2000:]
+    err = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_family_from_checkpoint_and_settings_of_another_family(tmp_path):
+    """An empty `family` takes the converted checkpoint's; a setting the family's Request lacks is an error."""
+    c = wan_vap_tiny.get_config()
+    c.update(dict(family="", random_init=False, checkpoint=str(fake_converted_pipeline(tmp_path, "wan_transformer"))))
+    assert sample.family_name(c) == "wan"
+    assert sample.make_request(c, "wan").ref_prompts == (c.ref_prompt,)
+    c.dynamic_cfg = False  # a CogVideoX setting
+    with pytest.raises(ValueError, match="setting\\(s\\) dynamic_cfg do not apply to the wan pipeline"):
+        sample.make_request(c, "wan")

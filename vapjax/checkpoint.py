@@ -29,6 +29,7 @@ KINDS: dict[str, type] = {
     "t5_encoder": t5.T5Config,
     "wan_vae": wan_vae.VAEConfig,
     "clip_vision": clip.CLIPVisionConfig,
+    "wan_transformer": wan.WanConfig,
 }
 
 

@@ -1,5 +1,6 @@
-"""The frozen CogVideoX encoders, VAE and T5, jitted: one wrapper for sampling and for the latent
-precompute / on-the-fly training encoders, so inference and training encode alike.
+"""The frozen encoders, jitted: one wrapper per family for sampling and for the latent precompute /
+on-the-fly training encoders, so inference and training encode alike. `Encoders`: CogVideoX's VAE and
+T5; `WanEncoders`: Wan's VAE, UMT5 and CLIP vision tower.
 
 Videos go in as uint8 frames [B, F, H, W, 3] (scaled to [-1, 1] as the pipeline's VideoProcessor);
 latents come out channels-last, not yet × the VAE scaling factor. Captions are T5-encoded as
@@ -15,11 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vapjax import checkpoint, video
-from vapjax.models import cogvideox_vae, t5
+from vapjax import checkpoint, text, video
+from vapjax.clip_preprocess import CLIPPreprocessConfig
+from vapjax.clip_preprocess import preprocess as clip_preprocess
+from vapjax.models import clip, cogvideox_vae, t5, wan_vae
 from vapjax.tokenizer import T5Tokenizer
 
-MAX_LENGTH = 226
+MAX_LENGTH = 226       # CogVideoX's caption length
+MAX_LENGTH_WAN = 512   # Wan's (its cross-attention hard-codes it)
 
 
 class Encoders:
@@ -93,3 +97,92 @@ class Encoders:
         shapes = {"latent_dist": dist(frames), "image_dist": dist(1),
                   "text": jax.eval_shape(self._t5, self._text_params, ids)}
         return {k: tuple(s.shape[1:]) for k, s in shapes.items()}
+
+
+class WanEncoders:
+    """Wan's frozen encoders: the VAE (pixels <-> normalised latents), UMT5 (Wan's masked, zero-padded
+    captions, `vapjax.text`) and the CLIP vision tower (penultimate states, exact CLIPImageProcessor).
+
+    The UMT5 and CLIP weights are only needed before denoising: with `offload` (default) they live on
+    the host and visit the device for each encode, so the transformer's sampling loop does not share
+    the accelerator with UMT5-XXL (11 GB in bf16) and CLIP ViT-H (2.5 GB in fp32). The VAE (0.5 GB)
+    stays on the device."""
+
+    def __init__(self, vae_config: wan_vae.VAEConfig, vae_params: Any, text_config: t5.T5Config,
+                 text_params: Any, tokenizer: T5Tokenizer, clip_config: clip.CLIPVisionConfig, clip_params: Any,
+                 clip_preprocess: CLIPPreprocessConfig, *, tiling: wan_vae.Tiling | None = None,
+                 offload: bool = True):
+        self.vae_config, self.text_config, self.clip_config = vae_config, text_config, clip_config
+        self.tokenizer, self.clip_preprocess = tokenizer, clip_preprocess
+        self._vae_params = vae_params
+        self._text_params = _to_host(text_params) if offload else text_params
+        self._clip_params = _to_host(clip_params) if offload else clip_params
+        vae = wan_vae.AutoencoderKLWan(vae_config, tiling)
+        self._posterior = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
+        self._moments = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="moments"))
+        self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+        self._umt5 = jax.jit(lambda p, ids: t5.T5Encoder(text_config).apply({"params": p}, ids))
+
+    @classmethod
+    def load(cls, pipeline: str, *, dtype: str | None = None, vae_dtype: str | None = "float32",
+             image_encoder_dtype: str | None = "float32", tiling: bool = False, offload: bool = True) -> "WanEncoders":
+        """From a converted Wan pipeline folder (vae/, text_encoder/, image_encoder/, tokenizer/,
+        image_processor/). `dtype` sets UMT5's weights and compute; the VAE and CLIP default to float32,
+        as the official inference script loads them (infer/wan_vap.py); None keeps what is stored."""
+        ccfg, cparams = checkpoint.load(os.path.join(pipeline, "image_encoder"), "clip_vision", dtype=image_encoder_dtype)
+        tcfg, tparams = checkpoint.load(os.path.join(pipeline, "text_encoder"), "t5_encoder", dtype=dtype)
+        vcfg, vparams = checkpoint.load(os.path.join(pipeline, "vae"), "wan_vae", dtype=vae_dtype)
+        tokenizer = T5Tokenizer.from_folder(os.path.join(pipeline, "tokenizer"))
+        pre = CLIPPreprocessConfig.from_file(os.path.join(pipeline, "image_processor", "preprocessor_config.json"))
+        return cls(vcfg, vparams, tcfg, tparams, tokenizer, ccfg, cparams, pre, offload=offload,
+                   tiling=wan_vae.Tiling() if tiling else None)
+
+    # -- VAE ---------------------------------------------------------------------------------------
+
+    def moments(self, frames: np.ndarray) -> jax.Array:
+        """Pixels float32 [B, F, H, W, 3] in [-1, 1] -> the encoder's raw mean ‖ log-variance [B, f, h, w, 2C]
+        (log-variance unclipped; what the official trainer normalises, spec §8.9)."""
+        return self._moments(self._vae_params, jnp.asarray(frames))
+
+    def mode(self, frames: np.ndarray) -> jax.Array:
+        """Pixels float32 [B, F, H, W, 3] in [-1, 1] -> the posterior mode [B, f, h, w, C], not yet
+        normalised (`vae_config.normalize`); the pipeline uses the mode, WPIPE:431."""
+        return self._posterior(self._vae_params, jnp.asarray(frames)).mode()
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """Normalised latents [B, f, h, w, C] -> pixels [B, F, H, W, 3] in [-1, 1] (de-normalised first,
+        z / (1/std) + mean, in the VAE's dtype as the pipeline casts to it)."""
+        z = self.vae_config.denormalize(latents.astype(jnp.float32)).astype(self.vae_config.dtype)
+        return self._decode(self._vae_params, z)
+
+    # -- UMT5 and CLIP -----------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], length: int = MAX_LENGTH_WAN) -> tuple[np.ndarray, np.ndarray]:
+        """Cleaned (prompt_clean) and tokenised captions: ids and attention mask, int32 [B, length]."""
+        return text.tokenize_umt5(self.tokenizer, list(texts), length)
+
+    def encode_text(self, texts: Sequence[str], length: int = MAX_LENGTH_WAN) -> jax.Array:
+        """[B, length, D] in the encoder's dtype: masked UMT5, rows past each caption zero."""
+        return text.encode_umt5(self.tokenizer, self.text_config, self._text_params, list(texts), length)
+
+    def encode_text_unmasked(self, texts: Sequence[str], length: int = MAX_LENGTH_WAN) -> jax.Array:
+        """[B, length, D] as the official *trainer* encodes captions (spec §7.6, §8.11): no prompt cleaning,
+        no attention mask, the pads' outputs kept."""
+        return self._umt5(self._text_params, self.tokenizer(list(texts), length))
+
+    def image_pixels(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB [B, H, W, 3] (any size) -> CLIP pixels float32 [B, crop, crop, 3]."""
+        return clip_preprocess(images, self.clip_preprocess)
+
+    def image_embeds(self, pixels: np.ndarray) -> jax.Array:
+        """CLIP pixels -> penultimate hidden states [B, 257, D_clip] in CLIP's dtype."""
+        return clip.image_embeds(self.clip_config, self._clip_params, pixels)
+
+
+def _to_host(tree: Any) -> Any:
+    """The arrays of `tree` as host numpy arrays; their device buffers are freed."""
+    host = jax.device_get(tree)
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+    return host

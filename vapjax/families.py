@@ -5,7 +5,10 @@ A family names what differs between them for the entry points:
   transformer_kind  the `vapjax.checkpoint.KINDS` key of its diffusion transformer (VAP model); its
                     config class is `checkpoint.KINDS[transformer_kind]`
   pipeline          the generation pipeline class: `Pipeline.load(folder, dtype=, attention=, tiling=)`
-                    returns a callable `pipe(image, ref_videos, request)`
+                    (or `Pipeline.random_from_config(model_section, ...)`) returns a callable
+                    `pipe(image, ref_videos, request)`; `Pipeline.validate(image, ref_videos, request)`
+                    checks a request before any weights are used
+  request           the pipeline's Request dataclass (sample.py fills its fields from a config)
   objective         `objective(train_config, model_config) -> objective(params, batch, rng, empty_text)
                     -> loss`, the training objective `vapjax.training.make_train_step` takes
   param_shapes      model config -> the transformer's parameter tree as ShapeDtypeStructs (random init)
@@ -15,10 +18,10 @@ A family names what differs between them for the entry points:
   sequence_length   `(model_config, batch) -> int`: tokens of one sample's joint attention (throughput)
   convert_hint      how to make a trainable checkpoint (expert initialised) from the stock one
 
-A family is one entry here, next to its converter (`convert/__main__.py` MODELS/PIPELINES) and checkpoint
-kind (`vapjax.checkpoint.KINDS`); the precomputed-data encoders are chosen by the pipeline's VAE kind
-(`vapjax.data.precompute.FEATURES`). `sample.py` and `train.py` look the family up by name
-(`get(c.family)`) or from a converted folder (`of_checkpoint(path)`).
+A family is one entry here, next to its converter (`convert/__main__.py` MODELS, `convert/pipeline.py`
+PIPELINES), its checkpoint kind (`vapjax.checkpoint.KINDS`) and its training features
+(`vapjax.data.features.FEATURES`, chosen by the pipeline's VAE kind). `sample.py` and `train.py` look
+the family up by name (`get(c.family)`) or from a converted folder (`of_checkpoint(path)`).
 """
 from __future__ import annotations
 
@@ -32,13 +35,14 @@ import numpy as np
 from vapjax import checkpoint, sampling, training
 from vapjax.data.random_latents import RandomLatents, RandomWanLatents
 from vapjax.models import cogvideox, wan
-from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
+from vapjax.pipelines import cogvideox_vap, wan_vap
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     transformer_kind: str
-    pipeline: type | None
+    pipeline: type
+    request: type                      # the pipeline's Request dataclass
     objective: Callable[[Any, Any], Callable]
     param_shapes: Callable[[Any], Any]
     synthetic_data: Callable[[Any, Any], tuple[Any, np.ndarray]]
@@ -93,12 +97,13 @@ def _wan_sequence(cfg: wan.WanConfig, batch) -> int:
 
 FAMILIES: dict[str, Family] = {
     "cogvideox": Family(
-        transformer_kind="cogvideox_transformer", pipeline=CogVideoXVAP, objective=_cogvideox_objective,
+        transformer_kind="cogvideox_transformer", pipeline=cogvideox_vap.CogVideoXVAP, request=cogvideox_vap.Request,
+        objective=_cogvideox_objective,
         param_shapes=cogvideox.param_shapes, synthetic_data=_cogvideox_synthetic,
         text_length=lambda c, cfg: cfg.max_text_seq_length, sequence_length=_cogvideox_sequence,
         convert_hint="python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40"),
     "wan": Family(
-        transformer_kind="wan_transformer", pipeline=None, objective=_wan_objective,
+        transformer_kind="wan_transformer", pipeline=wan_vap.WanVAP, request=wan_vap.Request, objective=_wan_objective,
         param_shapes=wan.param_shapes, synthetic_data=_wan_synthetic,
         text_length=lambda c, cfg: c.data.text_len, sequence_length=_wan_sequence,
         convert_hint="python -m convert Wan2.1-I2V-14B-480P-Diffusers/transformer OUT --init-expert copy "

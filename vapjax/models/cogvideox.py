@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vapjax import attention as attention_paths
+from vapjax.attention import IMPLEMENTATIONS
 from vapjax.numerics import torch_linspace
 from vapjax.sharding import constrain
 
@@ -71,7 +73,7 @@ class CogVideoXConfig:
     # Run options (not architecture).
     dtype: str = "float32"           # compute dtype; norms statistics, RoPE and timestep features stay fp32
     param_dtype: str = "float32"
-    attention: str | None = None     # jax.nn.dot_product_attention implementation: None | "xla" | "cudnn"
+    attention: str | None = None     # vapjax.attention implementation: None (auto) | "xla" | "cudnn" | "blockwise"
     remat: str = "none"              # per-layer rematerialisation: "none" | "full" | "dots"
 
     @property
@@ -129,6 +131,8 @@ class CogVideoXConfig:
             raise ValueError("a learned position table without rotary embeddings does not exist in CogVideoX")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        if self.attention not in (None, *IMPLEMENTATIONS):
+            raise ValueError(f"attention={self.attention!r}: expected None, {', '.join(map(repr, IMPLEMENTATIONS))}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,9 +299,10 @@ class FeedForward(nn.Module):
 
 
 def attention(q: Array, k: Array, v: Array, implementation: str | None) -> Array:
-    """Full bidirectional softmax attention, [B, S, N, D], scale 1/√D."""
+    """Full bidirectional softmax attention, [B, S, N, D], scale 1/√D, through the one entry point
+    (vapjax.attention picks cuDNN, blockwise or XLA), with the heads' logical sharding axes."""
     q, k, v = (constrain(a, HEADS) for a in (q, k, v))
-    return constrain(jax.nn.dot_product_attention(q, k, v, implementation=implementation), HEADS)
+    return constrain(attention_paths.attention(q, k, v, implementation), HEADS)
 
 
 class Block(nn.Module):

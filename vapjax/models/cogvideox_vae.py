@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vapjax.models.vae_common import Posterior, cross_fade, each_tile  # noqa: F401 (Posterior: public here too)
 from flax.linen.dtypes import promote_dtype
 
 Array = jax.Array
@@ -109,25 +111,6 @@ class Tiling:
     def default(cls, cfg: VAEConfig) -> "Tiling":
         """The reference's default: half the training resolution (240x360 tiles for 480x720)."""
         return cls(cfg.sample_height // 2, cfg.sample_width // 2)
-
-
-class Posterior(NamedTuple):
-    """Diagonal Gaussian over latents; `logvar` is clipped to [-30, 20] as in diffusers."""
-    mean: Array
-    logvar: Array
-
-    @classmethod
-    def from_concat(cls, dist: Array) -> "Posterior":
-        """From the encoder's (or a precomputed dataset's) [..., 2C] = mean ‖ logvar on channels."""
-        mean, logvar = jnp.split(dist, 2, axis=-1)
-        return cls(mean, jnp.clip(logvar, -30.0, 20.0))
-
-    def mode(self) -> Array:
-        return self.mean
-
-    def sample(self, rng: Array) -> Array:
-        noise = jax.random.normal(rng, self.mean.shape, self.mean.dtype)
-        return self.mean + jnp.exp(0.5 * self.logvar) * noise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,48 +321,22 @@ def _in_time_chunks(step: Step, chunk: int, x: Array) -> Array:
     return jnp.concatenate([out, outs.swapaxes(0, 1).reshape(batch, -1, *outs.shape[3:])], axis=1)
 
 
-def _each_tile(step: Step, chunk: int, tiles: list[Array]) -> list[Array]:
-    """`_in_time_chunks` on every tile. Tiles of one shape (most of a grid) go through one `lax.map`: the
-    program holds one copy of the network per distinct tile shape, and activations of one tile at a time."""
-    outs: list[Array | None] = [None] * len(tiles)
-    for shape in dict.fromkeys(t.shape for t in tiles):
-        same = [k for k, t in enumerate(tiles) if t.shape == shape]
-        results = jax.lax.map(lambda t: _in_time_chunks(step, chunk, t), jnp.stack([tiles[k] for k in same]))
-        for k, result in zip(same, results):
-            outs[k] = result
-    return outs
-
-
-def _blend(prev: Array, tile: Array, extent: int, axis: int) -> Array:
-    """Cross-fade the first `extent` rows (or columns) of `tile` from the last ones of its neighbour `prev`."""
-    extent = min(prev.shape[axis], tile.shape[axis], extent)
-    if extent == 0:
-        return tile
-    ramp = np.arange(extent) / extent  # float64 like the reference's Python-float weights, then cast
-    shape = (extent,) + (1,) * (tile.ndim - axis - 1)
-    w_tile = jnp.asarray(ramp.reshape(shape), tile.dtype)
-    w_prev = jnp.asarray((1 - ramp).reshape(shape), tile.dtype)
-    head = jax.lax.slice_in_dim(prev, prev.shape[axis] - extent, prev.shape[axis], axis=axis) * w_prev
-    head = head + jax.lax.slice_in_dim(tile, 0, extent, axis=axis) * w_tile
-    return jnp.concatenate([head, jax.lax.slice_in_dim(tile, extent, tile.shape[axis], axis=axis)], axis=axis)
-
-
 def _tiled(step: Step, chunk: int, x: Array, size: tuple[int, int], stride: tuple[int, int],
            blend: tuple[int, int], keep: tuple[int, int]) -> Array:
     """Run `step` on `size` tiles of x [B, F, H, W, C] taken every `stride` pixels; blend each output tile with
     its already-blended upper and left neighbours over `blend` pixels and keep its top-left `keep` pixels."""
     height, width = x.shape[2:4]
     tops, lefts = range(0, height, stride[0]), range(0, width, stride[1])
-    flat = _each_tile(step, chunk, [x[:, :, i:i + size[0], j:j + size[1]] for i in tops for j in lefts])
+    flat = each_tile(lambda t: _in_time_chunks(step, chunk, t), [x[:, :, i:i + size[0], j:j + size[1]] for i in tops for j in lefts])
     rows: list[list[Array]] = []
     for r in range(len(tops)):
         row: list[Array] = []
         for c in range(len(lefts)):
             tile = flat[r * len(lefts) + c]
             if rows:
-                tile = _blend(rows[-1][c], tile, blend[0], axis=2)
+                tile = cross_fade(rows[-1][c], tile, blend[0], axis=2)
             if row:
-                tile = _blend(row[-1], tile, blend[1], axis=3)
+                tile = cross_fade(row[-1], tile, blend[1], axis=3)
             row.append(tile)
         rows.append(row)
     return jnp.concatenate([jnp.concatenate([t[:, :, :keep[0], :keep[1]] for t in row], axis=3) for row in rows],

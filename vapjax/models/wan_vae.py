@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vapjax.models.vae_common import Posterior, cross_fade, each_tile  # noqa: F401 (Posterior: public here too)
+
 Array = jax.Array
 Cache = Mapping[str, Any]  # nested like the modules; {} before the first chunk
 Step = Callable[[Array, Cache], tuple[Array, Cache]]  # one chunk through the encoder or decoder
@@ -160,19 +162,6 @@ class Tiling:
     sample_width: int = 256
     stride_height: int = 192
     stride_width: int = 192
-
-
-class Posterior(NamedTuple):
-    """Diagonal Gaussian over latents; `logvar` is clipped to [-30, 20] as in diffusers."""
-    mean: Array
-    logvar: Array
-
-    def mode(self) -> Array:
-        return self.mean
-
-    def sample(self, rng: Array) -> Array:
-        noise = jax.random.normal(rng, self.mean.shape, self.mean.dtype)
-        return self.mean + jnp.exp(0.5 * self.logvar) * noise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,32 +396,6 @@ def _in_time_chunks(step: Step, chunk: int, x: Array) -> Array:
     return jnp.concatenate([out, outs.swapaxes(0, 1).reshape(batch, -1, *outs.shape[3:])], axis=1)
 
 
-def _each_tile(step: Step, chunk: int, tiles: list[Array]) -> list[Array]:
-    """`_in_time_chunks` on every tile. Tiles of one shape (most of a grid) go through one `lax.map`: the
-    program holds one copy of the network per distinct tile shape, and activations of one tile at a time."""
-    outs: list[Array | None] = [None] * len(tiles)
-    for shape in dict.fromkeys(t.shape for t in tiles):
-        same = [k for k, t in enumerate(tiles) if t.shape == shape]
-        results = jax.lax.map(lambda t: _in_time_chunks(step, chunk, t), jnp.stack([tiles[k] for k in same]))
-        for k, result in zip(same, results):
-            outs[k] = result
-    return outs
-
-
-def _blend(prev: Array, tile: Array, extent: int, axis: int) -> Array:
-    """Cross-fade the first `extent` rows (or columns) of `tile` from the last ones of its neighbour `prev`."""
-    extent = min(prev.shape[axis], tile.shape[axis], extent)
-    if extent <= 0:
-        return tile
-    ramp = np.arange(extent) / extent  # float64 like the reference's Python-float weights, then cast
-    shape = (extent,) + (1,) * (tile.ndim - axis - 1)
-    w_tile = jnp.asarray(ramp.reshape(shape), tile.dtype)
-    w_prev = jnp.asarray((1 - ramp).reshape(shape), tile.dtype)
-    head = jax.lax.slice_in_dim(prev, prev.shape[axis] - extent, prev.shape[axis], axis=axis) * w_prev
-    head = head + jax.lax.slice_in_dim(tile, 0, extent, axis=axis) * w_tile
-    return jnp.concatenate([head, jax.lax.slice_in_dim(tile, extent, tile.shape[axis], axis=axis)], axis=axis)
-
-
 class _TilePlan(NamedTuple):
     size: tuple[int, int]    # tile size, input positions
     stride: tuple[int, int]  # tile stride, input positions
@@ -446,16 +409,16 @@ def _tiled(step: Step, chunk: int, x: Array, plan: _TilePlan) -> Array:
     neighbours, keep its top-left part, join and crop."""
     height, width = x.shape[2:4]
     tops, lefts = range(0, height, plan.stride[0]), range(0, width, plan.stride[1])
-    flat = _each_tile(step, chunk, [x[:, :, i:i + plan.size[0], j:j + plan.size[1]] for i in tops for j in lefts])
+    flat = each_tile(lambda t: _in_time_chunks(step, chunk, t), [x[:, :, i:i + plan.size[0], j:j + plan.size[1]] for i in tops for j in lefts])
     rows: list[list[Array]] = []
     for r in range(len(tops)):
         row: list[Array] = []
         for c in range(len(lefts)):
             tile = flat[r * len(lefts) + c]
             if rows:
-                tile = _blend(rows[-1][c], tile, plan.blend[0], axis=2)
+                tile = cross_fade(rows[-1][c], tile, plan.blend[0], axis=2)
             if row:
-                tile = _blend(row[-1], tile, plan.blend[1], axis=3)
+                tile = cross_fade(row[-1], tile, plan.blend[1], axis=3)
             row.append(tile)
         rows.append(row)
     joined = jnp.concatenate(

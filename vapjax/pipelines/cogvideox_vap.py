@@ -32,14 +32,13 @@ import numpy as np
 from vapjax import checkpoint, conditioning, sampling, video
 from vapjax.encoders import Encoders
 from vapjax.models import cogvideox, cogvideox_vae, t5
+from vapjax.pipelines.common import Component, Output, Recorder, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
 MAX_REFERENCES = 3
 
-# recorder(name, value): receives the run's intermediates (channels-last arrays), e.g. `dict.__setitem__`.
-Recorder = Callable[[str, Any], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,18 +62,6 @@ class Request:
     seed: int = 0                      # noise, posterior samples and "random" frame selection
 
 
-@dataclasses.dataclass
-class Output:
-    frames: np.ndarray                 # float32 [F, H, W, 3] in [0, 1]
-    latents: np.ndarray                # final latents [1, f, h, w, C]
-
-
-@dataclasses.dataclass
-class Component:
-    config: Any
-    params: Any
-
-
 class CogVideoXVAP:
     """The pipeline's components and its jitted stages. Build with `load(folder)` (a converted
     pipeline, see `python -m convert`) or `random(...)` (random weights, for demos and tests)."""
@@ -90,7 +77,7 @@ class CogVideoXVAP:
              tiling: bool = False) -> "CogVideoXVAP":
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets weights and compute of all
         models (default: as stored); `attention` picks the dot_product_attention implementation."""
-        _require_pipeline_folder(path)
+        require_pipeline_folder(path)
         tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "cogvideox_transformer", dtype=dtype,
                                         attention=attention)
         encoders = Encoders.load(path, dtype=dtype, tiling=tiling, devices=jax.local_devices()[:1])
@@ -110,6 +97,16 @@ class CogVideoXVAP:
                             devices=jax.local_devices()[:1])
         return cls(Component(transformer, init(cogvideox.init_params, transformer, 0)), encoders,
                    sampling.DDIMSchedule.from_config(scheduler))
+
+    @classmethod
+    def random_from_config(cls, m, *, dtype: str | None = None, attention: str | None = None,
+                           tiling: bool = False) -> "CogVideoXVAP":
+        """`random` from a sample config's `model` section (see configs/cog_vap_tiny.py)."""
+        dt = dtype or "float32"
+        return cls.random(cogvideox.CogVideoXConfig(**m.transformer.to_dict(), dtype=dt, param_dtype=dt,
+                                                    attention=attention),
+                          cogvideox_vae.VAEConfig(**m.vae.to_dict()), t5.T5Config(**m.text_encoder.to_dict()),
+                          m.tokenizer, m.scheduler.to_dict(), seed=m.seed, tiling=tiling)
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -245,13 +242,3 @@ def _denoise(cfg, params, latents, image_in, ref_in, text, ref_text, steps, scal
         return (out, {"noise_pred": v, "noise_pred_guided": out, "latent_model_input": xin}) if record else out
 
     return sampling.sample_loop(denoise, latents, steps, dtype=jnp.dtype(cfg.dtype), progress=progress, record=record)
-
-
-def _require_pipeline_folder(path: str) -> None:
-    if not os.path.isdir(path):
-        raise checkpoint.CheckpointError(f"{path}: no such checkpoint folder")
-    if not os.path.exists(os.path.join(path, "pipeline.json")):
-        hint = ("it is a diffusers folder: convert it first with python -m convert "
-                f"{path} OUT_DIR" if os.path.exists(os.path.join(path, "model_index.json"))
-                else "convert a diffusers pipeline folder with python -m convert SRC OUT_DIR")
-        raise checkpoint.CheckpointError(f"{path}: not a converted vapjax pipeline ({hint})")
