@@ -649,20 +649,21 @@ def test_train_on_precomputed_wan_data(tmp_path):
 
     # One stored example against the encoders called directly.
     example, clip_ = latents.as_data_source(split="train")[0], data.as_data_source(split="train")[0]
-    vae = wan_vae.AutoencoderKLWan(features.vae_config)
+    enc = features.encoders
+    vae = wan_vae.AutoencoderKLWan(enc.vae_config)
     vparams = checkpoint.load(str(tmp_path / "pipe" / "vae"), "wan_vae")[1]
     x = video.to_model_range(clip_["video"])[None]
     mean, logvar = np.split(np.asarray(vae.apply({"params": vparams}, x, method="moments"))[0], 2, -1)
-    norm = lambda a: (a - np.float32(features.vae_config.latents_mean)) * (1 / np.float32(features.vae_config.latents_std))
+    norm = lambda a: (a - np.float32(enc.vae_config.latents_mean)) * (1 / np.float32(enc.vae_config.latents_std))
     close = lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     close(example["latent_dist"], np.concatenate([norm(mean), norm(logvar)], -1))
     cond = np.concatenate([x[:, :1], np.zeros_like(x[:, 1:])], 1)
     close(example["condition"], norm(np.asarray(vae.apply({"params": vparams}, cond, method="encode").mode())[0]))
     assert example["latent_dist"].shape == (3, 8, 12, 8) and example["condition"].shape == (3, 8, 12, 4)
     assert example["image_embeds"].shape == (17, cfg.image_dim)
-    close(example["image_embeds"], features.image_embeds(clip_["video"][None, 0])[0])
+    close(example["image_embeds"], enc.image_embeds(enc.image_pixels(clip_["video"][None, 0]))[0])  # as inference
     tcfg, tparams = checkpoint.load(str(tmp_path / "pipe" / "text_encoder"), "t5_encoder")
-    ids = features.tokenizer([clip_["caption"].decode()], c.data.text_len)  # no mask: pads attend and are kept
+    ids = enc.tokenizer([clip_["caption"].decode()], c.data.text_len)  # no mask: pads attend and are kept
     close(example["text"], t5.T5Encoder(tcfg).apply({"params": tparams}, ids)[0])
     assert np.any(example["text"][-1])
 

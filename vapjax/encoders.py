@@ -119,7 +119,9 @@ class WanEncoders:
         self._clip_params = _to_host(clip_params) if offload else clip_params
         vae = wan_vae.AutoencoderKLWan(vae_config, tiling)
         self._posterior = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
+        self._moments = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="moments"))
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+        self._umt5 = jax.jit(lambda p, ids: t5.T5Encoder(text_config).apply({"params": p}, ids))
 
     @classmethod
     def load(cls, pipeline: str, *, dtype: str | None = None, vae_dtype: str | None = "float32",
@@ -136,6 +138,11 @@ class WanEncoders:
                    tiling=wan_vae.Tiling() if tiling else None)
 
     # -- VAE ---------------------------------------------------------------------------------------
+
+    def moments(self, frames: np.ndarray) -> jax.Array:
+        """Pixels float32 [B, F, H, W, 3] in [-1, 1] -> the encoder's raw mean ‖ log-variance [B, f, h, w, 2C]
+        (log-variance unclipped; what the official trainer normalises, spec §8.9)."""
+        return self._moments(self._vae_params, jnp.asarray(frames))
 
     def mode(self, frames: np.ndarray) -> jax.Array:
         """Pixels float32 [B, F, H, W, 3] in [-1, 1] -> the posterior mode [B, f, h, w, C], not yet
@@ -157,6 +164,11 @@ class WanEncoders:
     def encode_text(self, texts: Sequence[str], length: int = MAX_LENGTH_WAN) -> jax.Array:
         """[B, length, D] in the encoder's dtype: masked UMT5, rows past each caption zero."""
         return text.encode_umt5(self.tokenizer, self.text_config, self._text_params, list(texts), length)
+
+    def encode_text_unmasked(self, texts: Sequence[str], length: int = MAX_LENGTH_WAN) -> jax.Array:
+        """[B, length, D] as the official *trainer* encodes captions (spec §7.6, §8.11): no prompt cleaning,
+        no attention mask, the pads' outputs kept."""
+        return self._umt5(self._text_params, self.tokenizer(list(texts), length))
 
     def image_pixels(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB [B, H, W, 3] (any size) -> CLIP pixels float32 [B, crop, crop, 3]."""

@@ -18,10 +18,10 @@ A family names what differs between them for the entry points:
   sequence_length   `(model_config, batch) -> int`: tokens of one sample's joint attention (throughput)
   convert_hint      how to make a trainable checkpoint (expert initialised) from the stock one
 
-A family is one entry here, next to its converter (`convert/__main__.py` MODELS/PIPELINES) and checkpoint
-kind (`vapjax.checkpoint.KINDS`); the precomputed-data encoders are chosen by the pipeline's VAE kind
-(`vapjax.data.precompute.FEATURES`). `sample.py` and `train.py` look the family up by name
-(`get(c.family)`) or from a converted folder (`of_checkpoint(path)`).
+A family is one entry here, next to its converter (`convert/__main__.py` MODELS, `convert/pipeline.py`
+PIPELINES), its checkpoint kind (`vapjax.checkpoint.KINDS`) and its training features
+(`vapjax.data.features.FEATURES`, chosen by the pipeline's VAE kind). `sample.py` and `train.py` look
+the family up by name (`get(c.family)`) or from a converted folder (`of_checkpoint(path)`).
 """
 from __future__ import annotations
 

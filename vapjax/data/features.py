@@ -30,21 +30,14 @@ image embedding it never meets at inference.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vapjax import checkpoint, video
-from vapjax.clip_preprocess import CLIPPreprocessConfig
-from vapjax.clip_preprocess import preprocess as clip_preprocess
-from vapjax.encoders import MAX_LENGTH, Encoders
-from vapjax.models import clip, t5, wan_vae
-from vapjax.tokenizer import T5Tokenizer
-
-WAN_TEXT_LENGTH = 512
+from vapjax.encoders import MAX_LENGTH, MAX_LENGTH_WAN, Encoders, WanEncoders
 
 
 class CogVideoXFeatures:
@@ -76,74 +69,52 @@ class CogVideoXFeatures:
 
 class WanFeatures:
     """Wan: `latent_dist` (normalised moments), `condition`, `image_embeds` and `text` of each clip (see the
-    module docstring). A batch is split over `devices` (default: the local devices) when it divides."""
+    module docstring), from the pipeline's `WanEncoders` (CLIP through the very path inference takes)."""
 
-    def __init__(self, vae_config: wan_vae.VAEConfig, vae_params: Any, text_config: t5.T5Config, text_params: Any,
-                 tokenizer: T5Tokenizer, clip_config: clip.CLIPVisionConfig, clip_params: Any,
-                 clip_pre: CLIPPreprocessConfig, *, text_length: int = WAN_TEXT_LENGTH,
-                 tiling: wan_vae.Tiling | None = None, devices: Sequence[jax.Device] | None = None):
-        self.vae_config, self.text_config, self.clip_config = vae_config, text_config, clip_config
-        self.tokenizer, self.clip_pre, self.text_length = tokenizer, clip_pre, text_length
-        self._mesh = Mesh(np.array(devices or jax.local_devices()), ("batch",))
-        replicated = NamedSharding(self._mesh, PartitionSpec())
-        self._params = jax.device_put((vae_params, text_params, clip_params), replicated)
-        vae, encoder = wan_vae.AutoencoderKLWan(vae_config, tiling), t5.T5Encoder(text_config)
-        norm = vae_config.normalize
+    def __init__(self, encoders: WanEncoders, *, text_length: int = MAX_LENGTH_WAN):
+        self.encoders, self.text_length = encoders, text_length
+        norm = encoders.vae_config.normalize
 
-        def latents(p, x):
+        def latents(moments, cond_moments):
             """Normalised moments of the clip, normalised mode of [first frame, zeros…]."""
-            mean, logvar = jnp.split(vae.apply({"params": p}, x, method="moments").astype(jnp.float32), 2, -1)
-            cond = jnp.concatenate([x[:, :1], jnp.zeros_like(x[:, 1:])], axis=1)
-            mode = jnp.split(vae.apply({"params": p}, cond, method="moments").astype(jnp.float32), 2, -1)[0]
+            mean, logvar = jnp.split(moments.astype(jnp.float32), 2, -1)
+            mode = jnp.split(cond_moments.astype(jnp.float32), 2, -1)[0]
             return jnp.concatenate([norm(mean), norm(logvar)], -1), norm(mode)
 
         self._latents = jax.jit(latents)
-        self._text = jax.jit(lambda p, ids: encoder.apply({"params": p}, ids))
-        self._clip = lambda p, pixels: clip.image_embeds(clip_config, p, pixels)
 
     @classmethod
     def load(cls, pipeline: str, *, text_length: int | None = None, dtype: str | None = None,
              tiling: bool = False) -> "WanFeatures":
-        """From a converted Wan pipeline folder (vae/, text_encoder/, tokenizer/, image_encoder/,
-        image_processor/preprocessor_config.json); `dtype` sets every encoder's weights and compute."""
-        vcfg, vparams = checkpoint.load(os.path.join(pipeline, "vae"), "wan_vae", dtype=dtype)
-        tcfg, tparams = checkpoint.load(os.path.join(pipeline, "text_encoder"), "t5_encoder", dtype=dtype)
-        ccfg, cparams = checkpoint.load(os.path.join(pipeline, "image_encoder"), "clip_vision", dtype=dtype)
-        tokenizer = T5Tokenizer.from_folder(os.path.join(pipeline, "tokenizer"))
-        pre = CLIPPreprocessConfig.from_file(os.path.join(pipeline, "image_processor", "preprocessor_config.json"))
-        return cls(vcfg, vparams, tcfg, tparams, tokenizer, ccfg, cparams, pre,
-                   text_length=text_length or WAN_TEXT_LENGTH, tiling=wan_vae.Tiling() if tiling else None)
-
-    def _put(self, x: np.ndarray) -> jax.Array:
-        spec = PartitionSpec("batch") if len(x) % self._mesh.size == 0 else PartitionSpec()
-        return jax.device_put(x, NamedSharding(self._mesh, spec))
-
-    def encode_text(self, captions: Sequence[str]) -> jax.Array:
-        """UMT5 as the official trainer: padded to text_length, no mask, pads kept, no cleaning."""
-        return self._text(self._params[1], self._put(self.tokenizer(list(captions), self.text_length)))
-
-    def image_embeds(self, frames: np.ndarray) -> jax.Array:
-        """uint8 first frames [B, H, W, 3] -> CLIP penultimate states [B, tokens, width] (see the module
-        docstring for why this is the inference preprocessing, not the official trainer's)."""
-        return self._clip(self._params[2], self._put(clip_preprocess(frames, self.clip_pre)))
+        """From a converted Wan pipeline folder (`WanEncoders.load`, encoders kept on the device); `dtype`
+        sets UMT5's weights and compute (the VAE and CLIP stay float32 unless it is given)."""
+        encoders = WanEncoders.load(pipeline, dtype=dtype, vae_dtype=dtype or "float32",
+                                    image_encoder_dtype=dtype or "float32", tiling=tiling, offload=False)
+        return cls(encoders, text_length=text_length or MAX_LENGTH_WAN)
 
     def encode(self, clips: np.ndarray, captions: Sequence[str]) -> dict[str, jax.Array]:
-        latent_dist, condition = self._latents(self._params[0], self._put(video.to_model_range(clips)))
-        return {"latent_dist": latent_dist, "condition": condition, "image_embeds": self.image_embeds(clips[:, 0]),
-                "text": self.encode_text(captions)}
+        enc = self.encoders
+        x = video.to_model_range(clips)
+        cond = np.concatenate([x[:, :1], np.zeros_like(x[:, 1:])], axis=1)
+        latent_dist, condition = self._latents(enc.moments(x), enc.moments(cond))
+        return {"latent_dist": latent_dist, "condition": condition,
+                "image_embeds": enc.image_embeds(enc.image_pixels(clips[:, 0])),
+                "text": enc.encode_text_unmasked(captions, self.text_length)}
 
     def output_shapes(self, frames: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        enc = self.encoders
         clip_in = jax.ShapeDtypeStruct((1, frames, height, width, 3), jnp.float32)
-        latent_dist, condition = jax.eval_shape(self._latents, self._params[0], clip_in)
-        crop = jax.ShapeDtypeStruct((1, self.clip_pre.crop_height, self.clip_pre.crop_width, 3), jnp.float32)
-        ids = jax.ShapeDtypeStruct((1, self.text_length), jnp.int32)
+        moments = jax.eval_shape(enc.moments, clip_in)
+        latent_dist, condition = jax.eval_shape(self._latents, moments, moments)
+        crop = jax.ShapeDtypeStruct((1, enc.clip_preprocess.crop_height, enc.clip_preprocess.crop_width, 3),
+                                    jnp.float32)
         shapes = {"latent_dist": latent_dist, "condition": condition,
-                  "image_embeds": jax.eval_shape(self._clip, self._params[2], crop),
-                  "text": jax.eval_shape(self._text, self._params[1], ids)}
+                  "image_embeds": jax.eval_shape(enc.image_embeds, crop),
+                  "text": jax.eval_shape(lambda: enc.encode_text_unmasked([""], self.text_length))}
         return {k: tuple(s.shape[1:]) for k, s in shapes.items()}
 
     def empty_text(self) -> np.ndarray:
-        return np.asarray(self.encode_text([""]), np.float32)[0]
+        return np.asarray(self.encoders.encode_text_unmasked([""], self.text_length), np.float32)[0]
 
     def metadata(self) -> dict:
         return {"family": "wan", "max_length": self.text_length,
