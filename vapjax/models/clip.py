@@ -43,6 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vapjax.models.cogvideox import LayerNorm  # float32 statistics, affine, output in the compute dtype
+
 Array = jax.Array
 
 _ACTIVATIONS = {
@@ -107,24 +109,6 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPVisionConfig":
         return cls(**d)
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with float32 statistics and affine, output in the compute dtype."""
-    eps: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 def _dense(cfg: CLIPVisionConfig, features: int, name: str, use_bias: bool = True) -> nn.Dense:
