@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
 
 import flax.linen as nn
 import jax
