@@ -31,7 +31,7 @@ from vapjax.video import VideoError
 
 # Config fields sample.py itself reads; every other field is one of the family's Request fields.
 RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
-            "vae_tiling", "random_init", "model")
+            "vae_tiling", "random_init", "model", "side_by_side", "oracle")
 
 
 def check_settings(c) -> None:
@@ -82,6 +82,30 @@ def build_pipeline(c):
     return pipeline.load(c.checkpoint, **opts)
 
 
+def side_by_side(ref: "np.ndarray", generated: "np.ndarray", req) -> "np.ndarray":
+    """[reference | generated] frames, the reference's frames picked and resized as the model saw them."""
+    import numpy as np  # noqa: PLC0415
+    pick = video.select_reference_frames([len(ref)], len(generated), req.frames_selection, seed=req.seed)[0]
+    gen = (np.clip(generated, 0, 1) * 255).astype(np.uint8) if generated.dtype != np.uint8 else generated
+    return np.concatenate([video.resize(ref[pick], gen.shape[1], gen.shape[2]), gen], axis=2)
+
+
+def oracle_reading(path: str, ref: "np.ndarray", generated: "np.ndarray", req) -> str:
+    """The VAP-Toy oracle's reading of the reference and of the generated clip (toy-sized videos only)."""
+    import numpy as np  # noqa: PLC0415
+    from vapjax.toy import world  # noqa: PLC0415
+    from vapjax.toy.oracle import Oracle  # noqa: PLC0415
+    size = (world.FRAMES, world.HEIGHT, world.WIDTH)
+    if (len(generated),) + generated.shape[1:3] != size:
+        raise ValueError(f"the toy oracle reads {size[0]}-frame {size[1]}x{size[2]} clips, not "
+                         f"{len(generated)}x{generated.shape[1]}x{generated.shape[2]} (drop --config.oracle)")
+    pick = video.select_reference_frames([len(ref)], len(generated), req.frames_selection, seed=req.seed)[0]
+    gen = (np.clip(generated, 0, 1) * 255).astype(np.uint8)
+    ref_read, gen_read = Oracle.load(path).read(np.stack([video.resize(ref[pick], *size[1:]), gen]))
+    name = lambda n: n.replace("_", " ")  # noqa: E731
+    return f"oracle: reference: {name(ref_read)} — generated: {name(gen_read)}"
+
+
 def peak_memory() -> str:
     stats = jax.devices()[0].memory_stats() or {}
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
@@ -112,8 +136,12 @@ def run(c) -> None:
     out = pipe(image, refs, req, progress=lambda i: bar.update(1))
     bar.close()
     t_gen = time.time() - t1
-    video.write_video(c.output, out.frames, fps=c.fps)
-    print(f"wrote {c.output}: {out.frames.shape[0]} frames {out.frames.shape[2]}x{out.frames.shape[1]}")
+    frames = side_by_side(refs[0], out.frames, req) if c.get("side_by_side") else out.frames
+    video.write_video(c.output, frames, fps=c.fps)
+    print(f"wrote {c.output}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}"
+          + (" [reference | generated]" if c.get("side_by_side") else ""))
+    if c.get("oracle"):
+        print(oracle_reading(c.oracle, refs[0], out.frames, req))
     print(f"time: load {t_load:.1f}s, generate {t_gen:.1f}s (incl. compilation)")
     print(f"memory: {peak_memory()}")
 
