@@ -5,8 +5,8 @@
 
 Stages (each writes its result to the workdir, and a later run skips what is done):
   tokenizer  a sentencepiece word model over the caption vocabulary
-  oracle     the condition reader (vapjax.toy.oracle), on ground-truth clips
   vae        a tiny CogVideoX VAE (the same module as the 5B's) on toy clips
+  oracle     the condition reader (vapjax.toy.oracle), on ground-truth clips and their VAE round trips
   encode     the training pool (seen conditions on training scenes) through the VAE
   backbone   a tiny CogVideoX-I2V (and its T5) pretrained on toy image-to-video with full captions
   expert     the VAP expert: backbone frozen, expert initialised as its copy (the paper's recipe),
@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from vapjax.tokenizer import T5Tokenizer
 from vapjax.toy import oracle as oracle_lib
 from vapjax.toy import world
 
-STAGES = ("tokenizer", "oracle", "vae", "encode", "backbone", "expert", "export")
+STAGES = ("tokenizer", "vae", "oracle", "encode", "backbone", "expert", "export")
 
 
 def log(msg: str) -> None:
@@ -129,49 +130,75 @@ def to_unit(clips) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 def train_vae(c, pool: Pool, writer: Writer) -> tuple[cogvideox_vae.VAEConfig, dict]:
-    """A tiny CogVideoX VAE trained on random crops of pool clips: L1 + MSE reconstruction of a posterior
-    draw, plus a small KL. The scaling factor is then set so that scaled latents have unit variance."""
+    """A tiny CogVideoX VAE trained on random crops of pool clips, in the phases of `c.vae.phases` (each its
+    own steps, learning rate, chroma weight and gradient clip, a fresh optimizer). The scaling factor is
+    then set so that scaled latents have unit variance."""
     cfg = cogvideox_vae.VAEConfig(**c.vae.model.to_dict(), sample_height=world.HEIGHT, sample_width=world.WIDTH)
     vae = cogvideox_vae.AutoencoderKLCogVideoX(cfg)
     params = cogvideox_vae.init_params(cfg, jax.random.PRNGKey(c.seed))
-    sched = optax.warmup_cosine_decay_schedule(0, c.vae.lr, min(50, c.vae.steps // 4), max(c.vae.steps, 2), c.vae.lr / 20)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
-    opt = tx.init(params)
-
-    def loss_fn(p, x, rng):
-        # Decoded from the posterior mean: at initialisation the posterior's unit variance drowns the mean,
-        # and a decoder trained on samples learns to ignore its input. The variance is instead pushed
-        # down directly, so that the posterior draws of training later stay close to the mean.
-        del rng
-        post = vae.apply({"params": p}, x, method="encode")
-        y = vae.apply({"params": p}, post.mean, method="decode")
-        rec = jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x))
-        kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1 - post.logvar)
-        return rec + c.vae.kl_weight * kl + c.vae.variance_weight * jnp.mean(jnp.exp(post.logvar)), rec
-
-    @jax.jit
-    def step(p, opt, x, rng):
-        (loss, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, rng)
-        u, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, u), opt, loss, rec
-
-    rng = np.random.default_rng(c.seed)
-    ch, cw = c.vae.crop
-    t0 = time.time()
-    for i in range(c.vae.steps):
-        idx = rng.integers(0, len(pool.clips), c.vae.batch)
-        y0, x0 = rng.integers(0, world.HEIGHT - ch + 1, 1)[0] // 8 * 8, rng.integers(0, world.WIDTH - cw + 1, 1)[0] // 8 * 8
-        x = to_unit(pool.clips[idx, :, y0:y0 + ch, x0:x0 + cw])
-        params, opt, loss, rec = step(params, opt, x, jax.random.PRNGKey(i))
-        if i % 50 == 0 or i == c.vae.steps - 1:
-            log(f"vae step {i}: loss {float(loss):.4f} rec {float(rec):.4f} ({time.time() - t0:.0f}s)")
-            writer.add_scalar("vae/reconstruction", float(rec), i)
+    done = 0
+    for phase in c.vae.phases:
+        phase = SimpleNamespace(**dict(phase))
+        params = _vae_phase(c, vae, params, phase, pool, writer, done)
+        done += phase.steps
     # Unit-variance scaled latents (the role of CogVideoX's 0.7).
     encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
     z = np.concatenate([np.asarray(encode(params, to_unit(pool.clips[i:i + 8]))) for i in range(0, 64, 8)])
     cfg = dataclasses.replace(cfg, scaling_factor=float(round(1.0 / z.std(), 4)))
     log(f"vae: latent std {z.std():.3f} -> scaling_factor {cfg.scaling_factor}")
     return cfg, params
+
+
+def _vae_phase(c, vae, params, phase, pool: Pool, writer: Writer, offset: int):
+    sched = optax.warmup_cosine_decay_schedule(0, phase.lr, min(50, phase.steps // 4), max(phase.steps, 2), phase.lr / 20)
+    tx = optax.chain(optax.clip_by_global_norm(phase.grad_clip), optax.adam(sched))
+    opt = tx.init(params)
+
+    def loss_fn(p, x):
+        # Decoded from the posterior mean: at initialisation the posterior's unit variance drowns the mean,
+        # and a decoder trained on samples learns to ignore its input. The variance is instead pushed
+        # down directly, so that the posterior draws of training later stay close to the mean.
+        post = vae.apply({"params": p}, x, method="encode")
+        y = vae.apply({"params": p}, post.mean, method="decode")
+        rec = jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x))
+        # Chroma (each channel minus the pixel's mean) weighted up: luminance dominates the plain error,
+        # and a short training otherwise reconstructs grey videos.
+        chroma = lambda v: v - v.mean(-1, keepdims=True)  # noqa: E731
+        rec = rec + phase.chroma_weight * jnp.mean(jnp.abs(chroma(y) - chroma(x)))
+        kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1 - post.logvar)
+        return rec + c.vae.kl_weight * kl + c.vae.variance_weight * jnp.mean(jnp.exp(post.logvar)), rec
+
+    @jax.jit
+    def step(p, opt, x):
+        (loss, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x)
+        u, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, u), opt, loss, rec
+
+    rng = np.random.default_rng(c.seed)
+    ch, cw = c.vae.crop
+    t0 = time.time()
+    for i in range(phase.steps):
+        idx = rng.integers(0, len(pool.clips), c.vae.batch)
+        y0, x0 = rng.integers(0, world.HEIGHT - ch + 1, 1)[0] // 8 * 8, rng.integers(0, world.WIDTH - cw + 1, 1)[0] // 8 * 8
+        params, opt, loss, rec = step(params, opt, to_unit(pool.clips[idx, :, y0:y0 + ch, x0:x0 + cw]))
+        if i % 50 == 0 or i == phase.steps - 1:
+            log(f"vae step {offset + i}: loss {float(loss):.4f} rec {float(rec):.4f} ({time.time() - t0:.0f}s)")
+            writer.add_scalar("vae/reconstruction", float(rec), offset + i)
+    return params
+
+
+def vae_roundtrip(path: str):
+    """clips -> their VAE reconstructions (posterior mean, decoded), uint8."""
+    vcfg, vparams = checkpoint.load(path, "cogvideox_vae")
+    vae = cogvideox_vae.AutoencoderKLCogVideoX(vcfg)
+    rt = jax.jit(lambda p, x: vae.apply({"params": p}, vae.apply({"params": p}, x, method="encode").mean,
+                                        method="decode"))
+
+    def roundtrip(clips, batch=8):
+        out = [jnp.round(jnp.clip(rt(vparams, to_unit(clips[i:i + batch])) * 127.5 + 127.5, 0, 255))
+               for i in range(0, len(clips), batch)]
+        return np.concatenate([np.asarray(o) for o in out]).astype(np.uint8)
+    return roundtrip
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -410,7 +437,9 @@ def run(c) -> None:
     if todo("oracle"):
         oracle, metrics = oracle_lib.train(steps=c.oracle.steps, batch=c.oracle.batch,
                                            train_clips=c.oracle.train_clips, test_clips=c.oracle.test_clips,
-                                           seed=c.seed, log=log, writer=writer)
+                                           roundtrip=vae_roundtrip(paths["vae"]),
+                                           roundtrip_clips=c.oracle.roundtrip_clips, seed=c.seed, log=log,
+                                           writer=writer)
         oracle.save(paths["oracle"])
         with open(os.path.join(work, "oracle_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
