@@ -1,7 +1,7 @@
 """Training the VAP expert: objectives, the frozen-backbone optimizer, the sharded step, checkpoints.
 
-The parameter tree splits into a *trainable* part (the `expert` partition, plus whatever a config regex
-unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the trainable part
+The parameter tree splits into a *trainable* part (the `expert` and `lora` partitions, plus whatever a
+config regex unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the trainable part
 only — the frozen part is a plain input of the step — and the optimizer state exists only for it, so the
 backbone gets neither weight gradients nor optimizer memory and stays bit-identical.
 
@@ -32,6 +32,8 @@ Array = jax.Array
 
 # Official training never updates torch *buffers*; the expert's learned position table is one.
 BUFFERS = ("pos_embedding",)
+# Partitions that train by default: the VAP expert, and a LoRA (the single-branch LoRA ablation).
+TRAINABLE_PARTITIONS = ("expert", "lora")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,10 +41,10 @@ BUFFERS = ("pos_embedding",)
 # ---------------------------------------------------------------------------------------------
 
 def is_trainable(path: vtree.Path, unfreeze: str = "") -> bool:
-    """The expert partition (minus buffers), or anything matching the `unfreeze` regex."""
+    """The expert and LoRA partitions (minus buffers), or anything matching the `unfreeze` regex."""
     if unfreeze and re.search(unfreeze, vtree.path_str(path)):
         return True
-    return path[0] == "expert" and path[-1] not in BUFFERS
+    return path[0] in TRAINABLE_PARTITIONS and path[-1] not in BUFFERS
 
 
 def split_params(params: Mapping, unfreeze: str = "") -> tuple[dict, dict]:

@@ -648,7 +648,7 @@ class CogVideoXTransformer(nn.Module):
         if ref_text.shape[1] != n * s:
             raise ValueError(f"reference text length {ref_text.shape[1]} does not split into {n} captions")
         video, text_tok = stream.patch_embed(ref_latents.reshape(b * n, frames, hh, ww, ch),
-                                             ref_text.reshape(b * n, s, -1))
+                                             ref_text.reshape(b * n, s, ref_text.shape[-1]))
         video = video.reshape(b, -1, c.dim)
         text_tok = text_tok.reshape(b, -1, c.dim)
         gh, gw = hh // c.patch_size, ww // c.patch_size
@@ -716,6 +716,13 @@ def _joint_layer(cfg: CogVideoXConfig, p_backbone, p_expert, state, emb, emb_ref
     ref_video, ref_text = block.apply({"params": p_expert}, ref_video, ref_text, o[:, n:], gates_r, emb_ref,
                                       method=Block.finish)
     return video, text, ref_video, ref_text
+
+
+def structure_unfreeze(cfg: CogVideoXConfig) -> str:
+    """Regex (vapjax.training.is_trainable) of what `cfg.structure` trains beyond the expert and LoRA
+    partitions: the single-branch full finetune trains the whole backbone except its position-table
+    buffer (official 1-single_branch_full.sh); every other structure nothing more."""
+    return r"^backbone/(?!patch_embed/pos_embedding$)" if cfg.structure == "single_branch" else ""
 
 
 def dummy_inputs(cfg: CogVideoXConfig, batch: int = 1, frames: int | None = None, num_refs: int = 1,
