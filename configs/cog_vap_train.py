@@ -34,6 +34,7 @@ def get_config():
     c.steps = 60_000
     c.batch_size = 8                # global
     c.caption_dropout = 0.02
+    c.ref_noise = False             # ablation: references noised to their own timestep, which drives the expert
     c.scaling_factor = 0.7
     c.scheduler = ml_collections.ConfigDict(COGVIDEOX_SCHEDULER)
     c.optimizer = ml_collections.ConfigDict(dict(

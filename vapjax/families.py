@@ -59,7 +59,7 @@ def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
     schedule = sampling.DDIMSchedule.from_config(c.scheduler.to_dict())
     return training.cogvideox_objective(cogvideox.CogVideoXTransformer(cfg), schedule.alphas_cumprod,
                                         scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout,
-                                        dtype=jnp.dtype(cfg.dtype))
+                                        dtype=jnp.dtype(cfg.dtype), ref_noise=c.get("ref_noise", False))
 
 
 def _cogvideox_synthetic(c, cfg: cogvideox.CogVideoXConfig):

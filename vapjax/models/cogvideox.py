@@ -553,14 +553,15 @@ class CogVideoXTransformer(nn.Module):
             self.lora = self.param("lora", self._init_lora)
 
     def _init_lora(self, rng):
-        """{target: {lora_a [L, D, r] ~ N(0, 1/D), lora_b [L, r, D] = 0}}: zero B, so the output at
-        initialisation is the backbone's."""
+        """{'blocks': {target: {lora_a [L, D, r] ~ N(0, 1/D), lora_b [L, r, D] = 0}}} (stacked per layer
+        like the streams' blocks): zero B, so the output at initialisation is the backbone's."""
         c = self.cfg
         dt = jnp.dtype(c.param_dtype)
         keys = jax.random.split(rng, len(LORA_TARGETS))
-        return {name: {"lora_a": (jax.random.normal(k, (c.num_layers, c.dim, c.lora_rank)) / math.sqrt(c.dim)).astype(dt),
-                       "lora_b": jnp.zeros((c.num_layers, c.lora_rank, c.dim), dt)}
-                for name, k in zip(LORA_TARGETS, keys)}
+        return {"blocks": {
+            name: {"lora_a": (jax.random.normal(k, (c.num_layers, c.dim, c.lora_rank)) / math.sqrt(c.dim)).astype(dt),
+                   "lora_b": jnp.zeros((c.num_layers, c.lora_rank, c.dim), dt)}
+            for name, k in zip(LORA_TARGETS, keys)}}
 
     def __call__(self, latents: Array, text: Array, t: Array,
                  ref_latents: Array | None = None, ref_text: Array | None = None,
@@ -604,7 +605,7 @@ class CogVideoXTransformer(nn.Module):
                 raise ValueError(f"structure='residual_addition' adds the reference to the target: it needs "
                                  f"one reference of the target's size, got {n}")
         runs = layer_runs(c.num_layers, c.expert_layers if use_ref else ())
-        lora = self.lora if c.structure == "single_branch_lora" else None
+        lora = self.lora["blocks"] if c.structure == "single_branch_lora" else None
 
         state = (video, text_tok) + ((ref_video, ref_tok) if use_ref else ())
         expert_offset = 0
