@@ -1,8 +1,8 @@
 """Training the VAP expert: objectives, the frozen-backbone optimizer, the sharded step, checkpoints.
 
 The parameter tree splits into a *trainable* part (the `expert` and `lora` partitions, plus whatever a
-config regex unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the trainable part
-only — the frozen part is a plain input of the step — and the optimizer state exists only for it, so the
+config regex unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the
+trainable part only — the frozen part is a plain input of the step — and the optimizer state exists only for it, so the
 backbone gets neither weight gradients nor optimizer memory and stays bit-identical.
 
 Objectives (spec §7.3, §7.4) are functions of a `predict` callable, so one trainer serves CogVideoX's

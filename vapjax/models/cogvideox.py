@@ -81,7 +81,7 @@ def expert_layer_preset(spec: str | Sequence[int], num_layers: int) -> tuple[int
     cogvideox/vap_mot/config_ori.json and ablation/config_ori_*.json), where the last layer never has an
     expert; with L = num_layers − 1 (41 there):
       all             0 … L−1                     (0–40, config_ori)
-      odd             0, 2, …  below L            (0, 2, …, 40: the paper's odd layers counted from 1, "distributed_all")
+      odd             0, 2, … below L             (0, 2, …, 40, "distributed_all": odd counted from 1)
       first_half      0 … L//2 − 1                (0–19, "first_half")
       first_last      0 and L−1                   ((0, 40), "first_last")
       odd_first_half  0, 2, …, L//2               (0, 2, …, 20, "distributed_first_half")"""
