@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from vapjax import checkpoint, compile_cache, families, sharding, training
+from vapjax import tree as vtree
 from vapjax.random_init import random_params
 
 
@@ -61,9 +62,18 @@ def load_model(c):
             raise TrainingError(f"no init_checkpoint: pass --config.init_checkpoint=<converted transformer folder> "
                                 f"({family.convert_hint})")
         cfg, params = checkpoint.load(c.init_checkpoint, family.transformer_kind)
-        if not cfg.expert_layers:
-            raise TrainingError(f"{c.init_checkpoint} has no expert; convert with {family.convert_hint}")
-        cfg = cfg.with_options(**options)
+        # c.model overrides the checkpoint's architecture fields, e.g. an ablation (structure="single_branch_lora",
+        # expert_layers=()): partitions the model has no use for are dropped, a LoRA it adds starts at zero.
+        cfg = cfg.with_options(**c.model.to_dict(), **options)
+        shapes = family.param_shapes(cfg)
+        params = {k: v for k, v in params.items() if k in shapes}
+        params.update(random_params({k: s for k, s in shapes.items() if k == "lora" and k not in params}, c.seed))
+        have, want = vtree.flatten(params), vtree.flatten(shapes)
+        bad = [p for p in want if p not in have or tuple(have[p].shape) != tuple(want[p].shape)]
+        if bad:
+            raise TrainingError(f"{c.init_checkpoint} does not fit the configured model: {vtree.path_str(bad[0])} "
+                                f"is {tuple(have[bad[0]].shape) if bad[0] in have else 'missing'}, the model needs "
+                                f"{tuple(want[bad[0]].shape)} ({family.convert_hint})")
     cast = lambda a: a.astype(options["param_dtype"]) if jnp.issubdtype(a.dtype, jnp.floating) else a
     return cfg, jax.tree.map(cast, params)
 
@@ -123,7 +133,12 @@ def setup(c):
     """(model config, mesh, sharded train state, sharded frozen params, step function)."""
     cfg, params = load_model(c)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    trainable, frozen = training.split_params(params, c.unfreeze)
+    # The config's regex, and what the model's structure trains beyond the expert (e.g. a single-branch finetune).
+    unfreeze = "|".join(filter(None, (c.unfreeze, families.get(c.family).unfreeze(cfg))))
+    trainable, frozen = training.split_params(params, unfreeze)
+    if not jax.tree.leaves(trainable):
+        raise TrainingError(f"nothing to train: the model has no expert; convert with "
+                            f"{families.get(c.family).convert_hint}")
     frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
     trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
     tx = training.make_optimizer(c.optimizer)

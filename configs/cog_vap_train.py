@@ -21,6 +21,10 @@ def get_config():
     c.workdir = "runs/cog_vap"
     c.init_checkpoint = ""          # converted transformer (backbone + expert); referenced, never copied
     c.random_init = False
+    # Architecture fields over the checkpoint's (every field with random_init), e.g. the paper's ablations
+    # (vapjax.models.cogvideox STRUCTURES, REF_ROPES, expert_layer_preset): structure="residual_addition",
+    # ref_rope="identical", expert_layers="first_half", or structure="single_branch_lora", lora_rank=64,
+    # expert_layers=() (a stock checkpoint: python -m convert CogVideoX-5b-I2V/transformer OUT).
     c.model = ml_collections.ConfigDict()
     # bf16 weights and compute as the official trainer; per-layer full rematerialisation.
     c.model_options = ml_collections.ConfigDict(dict(dtype="bfloat16", param_dtype="bfloat16", attention="",
@@ -30,6 +34,7 @@ def get_config():
     c.steps = 60_000
     c.batch_size = 8                # global
     c.caption_dropout = 0.02
+    c.ref_noise = False             # ablation: references noised to their own timestep, which drives the expert
     c.scaling_factor = 0.7
     c.scheduler = ml_collections.ConfigDict(COGVIDEOX_SCHEDULER)
     c.optimizer = ml_collections.ConfigDict(dict(

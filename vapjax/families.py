@@ -17,6 +17,8 @@ A family names what differs between them for the entry points:
   text_length       `(train_config, model_config) -> int`: the caption length the data path encodes to
   sequence_length   `(model_config, batch) -> int`: tokens of one sample's joint attention (throughput)
   convert_hint      how to make a trainable checkpoint (expert initialised) from the stock one
+  unfreeze          `model_config -> regex` of what the model's structure trains beyond the default
+                    trainable partitions (`vapjax.training.is_trainable`), e.g. a single-branch finetune
 
 A family is one entry here, next to its converter (`convert/__main__.py` MODELS, `convert/pipeline.py`
 PIPELINES), its checkpoint kind (`vapjax.checkpoint.KINDS`) and its training features
@@ -49,6 +51,7 @@ class Family:
     text_length: Callable[[Any, Any], int]
     sequence_length: Callable[[Any, Mapping[str, np.ndarray]], int]
     convert_hint: str
+    unfreeze: Callable[[Any], str] = lambda cfg: ""
 
 
 def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
@@ -56,7 +59,7 @@ def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
     schedule = sampling.DDIMSchedule.from_config(c.scheduler.to_dict())
     return training.cogvideox_objective(cogvideox.CogVideoXTransformer(cfg), schedule.alphas_cumprod,
                                         scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout,
-                                        dtype=jnp.dtype(cfg.dtype))
+                                        dtype=jnp.dtype(cfg.dtype), ref_noise=c.get("ref_noise", False))
 
 
 def _cogvideox_synthetic(c, cfg: cogvideox.CogVideoXConfig):
@@ -101,7 +104,8 @@ FAMILIES: dict[str, Family] = {
         objective=_cogvideox_objective,
         param_shapes=cogvideox.param_shapes, synthetic_data=_cogvideox_synthetic,
         text_length=lambda c, cfg: cfg.max_text_seq_length, sequence_length=_cogvideox_sequence,
-        convert_hint="python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40"),
+        convert_hint="python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40",
+        unfreeze=cogvideox.structure_unfreeze),
     "wan": Family(
         transformer_kind="wan_transformer", pipeline=wan_vap.WanVAP, request=wan_vap.Request, objective=_wan_objective,
         param_shapes=wan.param_shapes, synthetic_data=_wan_synthetic,

@@ -1,8 +1,8 @@
 """Training the VAP expert: objectives, the frozen-backbone optimizer, the sharded step, checkpoints.
 
-The parameter tree splits into a *trainable* part (the `expert` partition, plus whatever a config regex
-unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the trainable part
-only — the frozen part is a plain input of the step — and the optimizer state exists only for it, so the
+The parameter tree splits into a *trainable* part (the `expert` and `lora` partitions, plus whatever a
+config regex unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the
+trainable part only — the frozen part is a plain input of the step — and the optimizer state exists only for it, so the
 backbone gets neither weight gradients nor optimizer memory and stays bit-identical.
 
 Objectives (spec §7.3, §7.4) are functions of a `predict` callable, so one trainer serves CogVideoX's
@@ -32,6 +32,8 @@ Array = jax.Array
 
 # Official training never updates torch *buffers*; the expert's learned position table is one.
 BUFFERS = ("pos_embedding",)
+# Partitions that train by default: the VAP expert, and a LoRA (the single-branch LoRA ablation).
+TRAINABLE_PARTITIONS = ("expert", "lora")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,10 +41,10 @@ BUFFERS = ("pos_embedding",)
 # ---------------------------------------------------------------------------------------------
 
 def is_trainable(path: vtree.Path, unfreeze: str = "") -> bool:
-    """The expert partition (minus buffers), or anything matching the `unfreeze` regex."""
+    """The expert and LoRA partitions (minus buffers), or anything matching the `unfreeze` regex."""
     if unfreeze and re.search(unfreeze, vtree.path_str(path)):
         return True
-    return path[0] == "expert" and path[-1] not in BUFFERS
+    return path[0] in TRAINABLE_PARTITIONS and path[-1] not in BUFFERS
 
 
 def split_params(params: Mapping, unfreeze: str = "") -> tuple[dict, dict]:
@@ -178,11 +180,25 @@ def wan_predictor(model, params, cond: Mapping[str, Array], ref_t: int = 1) -> C
 
 def cogvideox_predictor(model, params, cond: Mapping[str, Array]) -> Callable[[Array, Array], Array]:
     """predict(x_t, t) -> v̂: the model on [x_t | image condition] with the references of `cond`
-    (the output of `conditioning.cogvideox`)."""
+    (the output of `conditioning.cogvideox`, and `ref_t` for a noisy reference)."""
     def predict(x_t, t):
         latents = jnp.concatenate([x_t, cond["image"].astype(x_t.dtype)], axis=-1)
-        return model.apply({"params": params}, latents, cond["text"], t, cond["ref_latents"], cond["ref_text"])
+        return model.apply({"params": params}, latents, cond["text"], t, cond["ref_latents"], cond["ref_text"],
+                           ref_t=cond.get("ref_t"))
     return predict
+
+
+def noisy_reference(cond: Mapping[str, Array], rng: Array, alphas_cumprod: np.ndarray) -> dict[str, Array]:
+    """The noisy-reference ablation (Diffusion-Forcing style): each sample's references are noised to their
+    own timestep t_ref (the target's draw, drawn independently), x = √ᾱ x0 + √(1−ᾱ) ε on the clip channels
+    (the first-frame condition stays clean), and `ref_t` = t_ref drives the expert's adaLN."""
+    k_t, k_noise = jax.random.split(rng)
+    ref = cond["ref_latents"]
+    b, c = ref.shape[0], ref.shape[-1] // 2
+    t_ref = cogvideox_timesteps(k_t, b, len(alphas_cumprod))
+    ab = jnp.asarray(alphas_cumprod, ref.dtype)[t_ref].reshape((-1,) + (1,) * (ref.ndim - 1))
+    clip = jnp.sqrt(ab) * ref[..., :c] + jnp.sqrt(1 - ab) * jax.random.normal(k_noise, ref[..., :c].shape, ref.dtype)
+    return {**cond, "ref_latents": jnp.concatenate([clip, ref[..., c:]], axis=-1), "ref_t": t_ref}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,14 +252,17 @@ def init_state(trainable: Any, tx: optax.GradientTransformation) -> TrainState:
 
 
 def cogvideox_objective(model, alphas_cumprod: np.ndarray, *, scaling_factor: float, caption_dropout: float,
-                        dtype) -> Callable:
+                        dtype, ref_noise: bool = False) -> Callable:
     """objective(params, batch, rng, empty_text) -> loss: CogVideoX-VAP on a precomputed batch
-    (fresh posterior draws, official t draw, v-prediction loss on the target only)."""
+    (fresh posterior draws, official t draw, v-prediction loss on the target only); `ref_noise`: the
+    references noised to their own timestep (`noisy_reference`)."""
     alphas = np.asarray(alphas_cumprod, np.float64)
 
     def objective(params, batch, rng, empty_text):
         k_in, k_t, k_noise = jax.random.split(rng, 3)
         x = cogvideox_inputs(batch, k_in, scaling_factor, empty_text, caption_dropout, dtype)
+        if ref_noise:  # its own key: the default path's draws stay as they are
+            x = noisy_reference(x, jax.random.fold_in(rng, 1), alphas)
         t = cogvideox_timesteps(k_t, x["x0"].shape[0], len(alphas))
         noise = jax.random.normal(k_noise, x["x0"].shape).astype(dtype)
         return cogvideox_loss(cogvideox_predictor(model, params, x), x["x0"], noise, t, alphas)
