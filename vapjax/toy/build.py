@@ -322,18 +322,30 @@ def text_embeddings(t5cfg, t5params, ids: np.ndarray, batch: int = 256) -> np.nd
     return np.concatenate([np.asarray(enc(t5params, jnp.asarray(ids[i:i + batch]))) for i in range(0, len(ids), batch)])
 
 
-def stage_expert(c, paths, get_pool, writer) -> None:
-    """VAP: the backbone (and T5) frozen, the expert on every layer initialised as the backbone's copy, trained
-    by vapjax.training's step and CogVideoX objective on pairs (one condition on two training scenes); the
-    target caption has its effect words stripped, the reference caption keeps them."""
+def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None, steps: int | None = None,
+                 writer: Writer | None = None, tag: str = "expert") -> tuple[cogvideox.CogVideoXConfig, dict]:
+    """VAP on the toy backbone: the backbone (and T5) frozen, the expert on every layer initialised as the
+    backbone's copy, trained by vapjax.training's step and CogVideoX objective on pairs (one condition on
+    two training scenes); the target caption has its effect words stripped, the reference caption keeps
+    them. `model` overrides model config fields (the ablation switches of vapjax.models.cogvideox); the
+    trainable set is the expert and LoRA partitions plus what the structure unfreezes."""
     data = dict(np.load(paths["encode"]))
     vcfg, _ = checkpoint.load(paths["vae"], "cogvideox_vae")
     bcfg, bparams = checkpoint.load(os.path.join(paths["backbone"], "transformer"), "cogvideox_transformer")
     t5cfg, t5params = checkpoint.load(os.path.join(paths["backbone"], "text_encoder"), "t5_encoder")
-    cfg = bcfg.with_options(expert_layers=tuple(range(bcfg.num_layers)))
-    params = expert_from_backbone({"backbone": bparams["backbone"]}, cfg)
-    want = jax.tree.map(lambda s: s.shape, cogvideox.param_shapes(cfg))
-    assert jax.tree.map(lambda a: a.shape, params) == want, "expert copy does not match the model's tree"
+    overrides = dict(model or {})
+    layers = overrides.pop("expert_layers", "all_layers")
+    layers = (tuple(range(bcfg.num_layers)) if layers == "all_layers"
+              else cogvideox.expert_layer_preset(layers, bcfg.num_layers))
+    cfg = bcfg.with_options(expert_layers=layers, **overrides)
+    shapes = cogvideox.param_shapes(cfg)
+    params = {"backbone": bparams["backbone"]}
+    if "expert" in shapes:
+        params = expert_from_backbone(params, cfg)
+    if "lora" in shapes:  # zero-initialised B: the model starts as the backbone
+        params["lora"] = _lora_init(shapes["lora"], c.seed)
+    want = jax.tree.map(lambda s: s.shape, shapes)
+    assert jax.tree.map(lambda a: a.shape, params) == want, "initial parameters do not match the model's tree"
     text, stripped = text_embeddings(t5cfg, t5params, data["ids"]), text_embeddings(t5cfg, t5params, data["ids_stripped"])
     empty = jnp.asarray(text_embeddings(t5cfg, t5params, data["empty_ids"])[0])
     alphas = DDIMSchedule.from_config(SCHEDULER).alphas_cumprod
@@ -341,13 +353,15 @@ def stage_expert(c, paths, get_pool, writer) -> None:
                                              scaling_factor=vcfg.scaling_factor,
                                              caption_dropout=c.expert.caption_dropout, dtype=jnp.float32)
     tx, lr = _optimizer(c.expert)
-    trainable, frozen = training.split_params(params)
+    trainable, frozen = training.split_params(params, cogvideox.structure_unfreeze(cfg))
     state = training.init_state(trainable, tx)
     step = jax.jit(training.make_train_step(objective, tx, lr))
     conds = data["conditions"]
     by_condition = [np.flatnonzero(conds == k) for k in range(conds.max() + 1)]
-    rng, key, t0, avg = np.random.default_rng(c.seed + 2), jax.random.PRNGKey(c.seed + 2), time.time(), []
-    for i in range(c.expert.steps):
+    seed = c.seed if seed is None else seed
+    rng, key, t0, avg = np.random.default_rng(seed + 2), jax.random.PRNGKey(seed + 2), time.time(), []
+    steps = c.expert.steps if steps is None else steps
+    for i in range(steps):
         tgt = rng.integers(0, len(conds), c.expert.batch)
         ref = np.array([rng.choice(by_condition[conds[j]][by_condition[conds[j]] != j]) for j in tgt])
         batch = dict(latent_dist=data["latent_dist"][tgt], image_dist=data["image_dist"][tgt],
@@ -355,11 +369,28 @@ def stage_expert(c, paths, get_pool, writer) -> None:
                      text=stripped[tgt], ref_text=text[ref][:, None])
         state, metrics = step(state, frozen, jax.tree.map(jnp.asarray, batch), key, empty)
         avg.append(float(metrics["loss"]))
-        if i % 100 == 0 or i == c.expert.steps - 1:
-            log(f"expert step {i}: loss {np.mean(avg):.4f} ({time.time() - t0:.0f}s)")
-            writer.add_scalar("expert/loss", float(np.mean(avg)), i)
+        if i % 100 == 0 or i == steps - 1:
+            log(f"{tag} step {i}: loss {np.mean(avg):.4f} ({time.time() - t0:.0f}s)")
+            if writer is not None:
+                writer.add_scalar(f"{tag}/loss", float(np.mean(avg)), i)
             avg = []
-    checkpoint.save(os.path.join(paths["expert"], "transformer"), vtree.merge(state.params, frozen), cfg)
+    return cfg, vtree.merge(state.params, frozen)
+
+
+def _lora_init(shapes, seed: int):
+    """LoRA A ~ N(0, 1/fan_in), B = 0 (the standard initialisation: the model starts unchanged)."""
+    rng = np.random.default_rng(seed)
+
+    def init(path, s):
+        if getattr(path[-1], "key", "") == "lora_b":
+            return jnp.zeros(s.shape, s.dtype)
+        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(s.shape[-2]), s.dtype)
+    return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def stage_expert(c, paths, get_pool, writer) -> None:
+    cfg, params = train_expert(c, paths, writer=writer)
+    checkpoint.save(os.path.join(paths["expert"], "transformer"), params, cfg)
 
 
 def write_demo(out: str, condition: str, seed: int) -> None:
