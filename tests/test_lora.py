@@ -178,3 +178,31 @@ def test_expert_modules_have_mot_names():
     assert names["transformer_blocks.2.attn1_mot_ref.to_q"] == (("expert", "blocks", "attn", "to_q", "kernel"), 1)
     assert names["transformer_blocks.1.attn1.to_out.0"] == (("backbone", "blocks", "attn", "to_out", "kernel"), 1)
     assert "transformer_blocks.1.attn1_mot_ref.to_q" not in names
+
+
+def test_sample_merges_lora_files(tmp_path):
+    """sample.py --config.lora=a:2|b: the tiny pipeline's transformer carries both merges; a key of another
+    model is a one-line error naming it."""
+    import sample  # noqa: PLC0415
+    from configs import cog_vap_tiny  # noqa: PLC0415
+    c = cog_vap_tiny.get_config()
+    base = sample.build_pipeline(c).transformer
+    rng = np.random.default_rng(3)
+    q = np.asarray(base.params["backbone"]["blocks"]["attn"]["to_q"]["kernel"])   # [L, in, out]
+    A, B = rng.standard_normal((2, q.shape[1])).astype(np.float32), rng.standard_normal((q.shape[2], 2)).astype(np.float32)
+    save_file({"transformer_blocks.1.attn1.to_q.lora_A.weight": A, "transformer_blocks.1.attn1.to_q.lora_B.weight": B},
+              str(tmp_path / "a.safetensors"))
+    save_file({"transformer_blocks.1.attn1.to_q.lora_A.weight": A, "transformer_blocks.1.attn1.to_q.lora_B.weight": -B},
+              str(tmp_path / "b.safetensors"))
+    c.lora = f"{tmp_path / 'a.safetensors'}:2,{tmp_path / 'b.safetensors'}"
+    got = np.asarray(sample.build_pipeline(c).transformer.params["backbone"]["blocks"]["attn"]["to_q"]["kernel"])
+    want = q.copy()
+    want[1] += (2 - 1) * (A.T @ B.T)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # the merge lands on layer 1 only, transposed
+    np.testing.assert_array_equal(got[[0] + list(range(2, len(q)))], q[[0] + list(range(2, len(q)))])
+    save_file({"transformer_blocks.1.ffn.net.0.proj.lora_A.weight": A, "transformer_blocks.1.ffn.net.0.proj.lora_B.weight": B},
+              str(tmp_path / "wan.safetensors"))
+    c.lora = str(tmp_path / "wan.safetensors")
+    with pytest.raises(ValueError, match=r"transformer_blocks.1.ffn.net.0.proj is not a Linear layer") as e:
+        sample.build_pipeline(c)
+    assert "\n" not in str(e.value)
