@@ -5,6 +5,7 @@
     python sample.py --config configs/cog_vap.py --config.checkpoint=... --config.image=... \
         --config.ref_video=... --config.prompt=... --config.ref_prompt=...
     python sample.py --config configs/wan_vap.py --config.checkpoint=...   (same fields)
+    python sample.py ... --config.lora="style.safetensors:0.8|other.safetensors"   (LoRAs merged, vapjax.lora)
 
 The pipeline is the config's `family` in `vapjax.families` (checked against the converted checkpoint's;
 an empty `family` takes the checkpoint's). Every config field other than sample.py's own (RUN_KEYS) is a

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from convert.lora import module_names
-from vapjax import checkpoint, compile_cache, families, lora, sharding, training
+from vapjax import checkpoint, compile_cache, families, lora, sharding, training, validation
 from vapjax import tree as vtree
 from vapjax.data.ref_dropout import RefDropout
 from vapjax.random_init import random_params
@@ -196,6 +196,46 @@ def setup(c):
     return cfg, mesh, state, frozen, step_fn
 
 
+def current_weights(c, trainable, frozen):
+    """The transformer weights a sample uses now: the union, or the frozen weights with the LoRA merged
+    (DPO: the policy), on one device (the pipeline's)."""
+    params = lora.apply(frozen, trainable, lora_alpha(c)) if c.lora.rank else vtree.merge(trainable, frozen)
+    return jax.device_put(params, jax.local_devices()[0])
+
+
+def make_validator(c, model_cfg, writer) -> validation.Validator | None:
+    """Samples of validation.file every validation.every steps (process 0 of a single-process run), with
+    the encoders of validation.pipeline (a converted pipeline folder; its transformer weights are replaced
+    by the run's) or, for random-weight runs, a pipeline built from validation.model (a sample config's
+    `model` section whose transformer is this run's model)."""
+    v = c.validation
+    if not v.every:
+        return None
+    if jax.process_count() > 1:
+        raise TrainingError("validation.every needs a single-process run (the pipeline samples on one host)")
+    if not v.file:
+        raise TrainingError("validation.every > 0 needs validation.file=<validation.json in the official layout>")
+    family = families.get(c.family)
+    cases, settings = validation.read_cases(v.file, v.max_samples, v.score_threshold)
+    if v.steps:
+        settings["steps"] = v.steps
+    if v.pipeline:
+        pipe = family.pipeline.load(v.pipeline, dtype=c.model_options.dtype)
+    elif v.get("model") is not None:
+        pipe = family.pipeline.random_from_config(v.model, dtype=c.model_options.dtype)
+    else:
+        raise TrainingError("validation needs validation.pipeline=<converted pipeline folder> (its VAE and text "
+                            "encoder)")
+    if pipe.transformer.config.expert_layers != model_cfg.expert_layers or \
+            jax.tree.map(np.shape, pipe.transformer.params) != jax.tree.map(np.shape, load_shapes(c, model_cfg)):
+        raise TrainingError("validation.pipeline's transformer is not this run's model (other sizes or expert layers)")
+    return validation.Validator(pipe, family.request, cases, settings, os.path.join(c.workdir, "samples"), writer)
+
+
+def load_shapes(c, model_cfg):
+    return families.get(c.family).param_shapes(model_cfg)
+
+
 def export_lora(c, model_cfg, factors) -> str:
     """<workdir>/<lora.export>: the trained factors as a diffusers/PEFT LoRA file."""
     path = os.path.join(c.workdir, c.lora.export)
@@ -244,6 +284,7 @@ def train(c):
     tokens = families.get(c.family).sequence_length(cfg, first)   # per sample, both streams
     config_dict = json.loads(c.to_json())
     sink = MetricsSink(c, enabled=main)
+    validate = make_validator(c, cfg, sink.writer) if main else None
     history, window, t_last = [], [], time.time()
     start = int(state.step)
     bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main or not c.progress)
@@ -263,6 +304,12 @@ def train(c):
         bar.update(1)
         done = step + 1
         ckpt.save(done, state, data.get_state(), config_dict, force=done == c.steps)
+        if validate and (done % c.validation.every == 0 or done == c.steps):
+            t_val = time.time()
+            written = validate(done, current_weights(c, state.params, frozen))
+            tqdm.write(f"step {done}: validation wrote {len(written)} samples to {os.path.dirname(written[0])} "
+                       f"({time.time() - t_val:.1f}s)")
+            t_last += time.time() - t_val   # throughput excludes validation
         if done % c.log_every == 0 or done == c.steps:
             dt, n = time.time() - t_last, len(window)
             extra = {k: np.mean([w[k] for w in window]) for k in m if k not in ("loss", "grad_norm", "lr", "step")}

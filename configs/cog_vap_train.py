@@ -47,6 +47,11 @@ def get_config():
     c.data = ml_collections.ConfigDict(dict(kind="latents", dir="", pipeline="", num_refs=1, mask_ref_ratio=0.0,
                                             seed=42, worker_count=4, size=0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Every `every` steps (0: off), sample `max_samples` cases of `file` (official validation.json layout)
+    # with `steps` denoising steps (0: the file's) using the encoders of `pipeline`; mp4s go to
+    # <workdir>/samples/step_N/ and TensorBoard. Official: every 200 steps (100 for DPO).
+    c.validation = ml_collections.ConfigDict(dict(every=0, file="", pipeline="", max_samples=2, steps=0,
+                                                  score_threshold=70.0, model=None))
     c.log_every = 10
     c.checkpoint_every = 500
     c.keep = 3

@@ -304,3 +304,39 @@ def test_dpo_pair_sampler_follows_the_official_rule():
     again = DPOPairs(source, scores, ["text"], batch_size=3, seed=1, process_index=0, process_count=1)
     again.set_state(it.get_state())
     jax.tree.map(np.testing.assert_array_equal, next(again), next(it))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation during training
+# ---------------------------------------------------------------------------------------------
+
+def test_validation_writes_samples_and_tensorboard_videos(tmp_path):
+    """Two steps of the tiny sample model's transformer with validation every 2 steps: the case of the
+    official-layout file is sampled with the run's weights into samples/step_2/<case>.mp4 and TensorBoard."""
+    import json as _json  # noqa: PLC0415
+
+    from configs import cog_vap_tiny  # noqa: PLC0415
+    from train import train  # noqa: PLC0415
+    from vapjax import video  # noqa: PLC0415
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        video.write_video(root / f"{name}.mp4", rng.integers(0, 255, (9, 64, 96, 3), dtype=np.uint8), fps=16)
+    (root / "val.csv").write_text(
+        "video_paths,ref_video_paths,tar_video_caption,kind,split,reference_alignment_score\n"
+        'a.mp4,"[""b.mp4""]",a ball inflates,k,val,90\n'
+        'b.mp4,"[""a.mp4""]",a cup inflates,k,val,80\n')
+    (root / "validation.json").write_text(_json.dumps(dict(root=str(root), val_data=["val.csv"], sample_ref_videos_num=1,
+                                                           num_frames=9, height=64, width=96, num_inference_steps=50)))
+    sample = cog_vap_tiny.get_config()
+    c = tiny_config(tmp_path / "run", steps=2)
+    c.model = sample.model.transformer
+    c.tensorboard = True
+    c.validation.update(dict(every=2, file=str(root / "validation.json"), max_samples=1, steps=2))
+    c.validation.model = sample.model
+    train(c)
+    out = tmp_path / "run" / "samples" / "step_2" / "a.mp4"
+    frames, fps = video.read_video(out)
+    assert frames.shape == (9, 64, 96, 3) and fps == 16 and not (tmp_path / "run" / "samples" / "step_2" / "b.mp4").exists()
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tb").iterdir())
+    assert b"validation/a" in events

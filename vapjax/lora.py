@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
