@@ -219,6 +219,7 @@ def make_validator(c, model_cfg, writer) -> validation.Validator | None:
     cases, settings = validation.read_cases(v.file, v.max_samples, v.score_threshold)
     if v.steps:
         settings["steps"] = v.steps
+    settings.update(v.request.to_dict())   # other Request fields, e.g. guidance_scale, max_sequence_length
     if v.pipeline:
         pipe = family.pipeline.load(v.pipeline, dtype=c.model_options.dtype)
     elif v.get("model") is not None:

@@ -51,7 +51,8 @@ def get_config():
     # with `steps` denoising steps (0: the file's) using the encoders of `pipeline`; mp4s go to
     # <workdir>/samples/step_N/ and TensorBoard. Official: every 200 steps (100 for DPO).
     c.validation = ml_collections.ConfigDict(dict(every=0, file="", pipeline="", max_samples=2, steps=0,
-                                                  score_threshold=70.0, model=None))
+                                                  score_threshold=70.0, model=None,
+                                                  request=ml_collections.ConfigDict()))  # Request overrides
     c.log_every = 10
     c.checkpoint_every = 500
     c.keep = 3
