@@ -5,6 +5,7 @@
     python sample.py --config configs/cog_vap.py --config.checkpoint=... --config.image=... \
         --config.ref_video=... --config.prompt=... --config.ref_prompt=...
     python sample.py --config configs/wan_vap.py --config.checkpoint=...   (same fields)
+    python sample.py ... --config.lora="style.safetensors:0.8|other.safetensors"   (LoRAs merged, vapjax.lora)
 
 The pipeline is the config's `family` in `vapjax.families` (checked against the converted checkpoint's;
 an empty `family` takes the checkpoint's). Every config field other than sample.py's own (RUN_KEYS) is a
@@ -24,14 +25,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from vapjax import compile_cache, families, video
+from convert.lora import module_names
+from vapjax import compile_cache, families, lora, video
 from vapjax.checkpoint import CheckpointError
 from vapjax.video import VideoError
 
 
 # Config fields sample.py itself reads; every other field is one of the family's Request fields.
 RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
-            "vae_tiling", "random_init", "model", "side_by_side", "oracle")
+            "vae_tiling", "random_init", "model", "lora", "side_by_side", "oracle")
 
 
 def check_settings(c) -> None:
@@ -77,9 +79,12 @@ def build_pipeline(c):
                                   f"(use a {found} config, or --config.family={found})")
     pipeline = families.get(name).pipeline
     opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling)
-    if c.random_init:
-        return pipeline.random_from_config(c.model, **opts)
-    return pipeline.load(c.checkpoint, **opts)
+    pipe = pipeline.random_from_config(c.model, **opts) if c.random_init else pipeline.load(c.checkpoint, **opts)
+    if c.get("lora"):  # external LoRAs merged into the transformer once, in the order given
+        t = pipe.transformer
+        names = module_names(families.get(name).transformer_kind, t.config)
+        t.params = lora.load_into(t.params, lora.parse_spec(c.lora), names)
+    return pipe
 
 
 def side_by_side(ref: "np.ndarray", generated: "np.ndarray", req) -> "np.ndarray":
@@ -154,7 +159,7 @@ def main(argv):
     compile_cache.enable()  # a second run starts in seconds; VAPJAX_NO_COMPILE_CACHE=1 turns it off
     try:
         run(flags.FLAGS.config)
-    except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:  # LoRAError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

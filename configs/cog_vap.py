@@ -42,4 +42,5 @@ def get_config():
     c.attention = ""                  # vapjax.attention implementation: "" (auto), "xla", "cudnn", "blockwise"
     c.vae_tiling = True               # spatial tiles for the VAE (needed for 480x720 on one GPU)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
+    c.lora = ""                       # LoRA file(s) merged into the transformer: "a.safetensors:0.8|b.safetensors"
     return c

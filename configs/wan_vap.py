@@ -41,4 +41,5 @@ def get_config():
                                       # 40 heads x 40560^2 joint logits (263 GB); "" / "xla" for CPU
     c.vae_tiling = False              # spatial VAE tiles (the official script does not tile)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
+    c.lora = ""                       # LoRA file(s) merged into the transformer: "a.safetensors:0.8|b.safetensors"
     return c
