@@ -12,7 +12,7 @@ def get_config():
     c.out = "vapjax/assets/toy"          # where `export` writes the pipeline folder and the oracle
     c.stages = "all"                     # or a comma-separated subset (re-runs them)
     c.seed = 0
-    c.demo_condition = "zoom_in"         # the bundled demo's reference (see configs/toy_vap.py)
+    c.demo_condition = "outline"         # the bundled demo's reference (see configs/toy_vap.py)
     c.pool_per_condition = 64            # training clips per seen condition
     c.oracle = ml_collections.ConfigDict(dict(steps=1400, batch=32, train_clips=3300, test_clips=660,
                                                 roundtrip_clips=440))
