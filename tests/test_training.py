@@ -583,6 +583,7 @@ def test_train_on_precomputed_vap_data(tmp_path):
 
     c = tiny_config(tmp_path / "run", steps=6, batch_size=2, random_init=False,
                     init_checkpoint=str(tmp_path / "pipe" / "transformer"))
+    c.model = ml_collections.ConfigDict()  # the checkpoint's architecture (c.model would override it)
     c.data.kind, c.data.dir = "latents", latents.data_dir
     history, state, frozen = train(c)
     losses = [m["loss"] for m in history]
@@ -592,6 +593,7 @@ def test_train_on_precomputed_vap_data(tmp_path):
     # The raw clips, encoded on the fly by the same VAE and T5.
     c = tiny_config(tmp_path / "run_raw", steps=2, batch_size=2, random_init=False,
                     init_checkpoint=str(tmp_path / "pipe" / "transformer"))
+    c.model = ml_collections.ConfigDict()
     c.data.kind, c.data.dir, c.data.pipeline = "raw", data.data_dir, str(tmp_path / "pipe")
     history, _, _ = train(c)
     assert len(history) == 2 and np.all(np.isfinite([m["loss"] for m in history]))
