@@ -35,6 +35,7 @@ from vapjax import tree as vtree
 from vapjax.models import cogvideox, cogvideox_vae, t5
 from vapjax.sampling import DDIMSchedule
 from vapjax.tokenizer import T5Tokenizer
+from vapjax.toy import evaluate
 from vapjax.toy import oracle as oracle_lib
 from vapjax.toy import world
 
@@ -201,11 +202,6 @@ def vae_roundtrip(path: str):
     return roundtrip
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Encode, backbone, expert, export
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +231,7 @@ def stage_encode(c, paths, get_pool, writer) -> None:
     dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
     n = latents.shape[-1] // 2
     rec = np.asarray(jnp.clip((dec(vparams, jnp.asarray(latents[:16, ..., :n])) + 1) * 127.5, 0, 255)).round()
-    quality = psnr(rec, pool.clips[:16])
+    quality = float(evaluate.psnr(rec[None], pool.clips[None, :16])[0])
     log(f"encode: {len(latents)} clips in {time.time() - t:.0f}s, VAE reconstruction PSNR {quality:.2f} dB")
     writer.add_scalar("vae/psnr", quality, 0)
     np.savez(paths["encode"], latent_dist=latents, image_dist=images, conditions=pool.conditions,
@@ -342,8 +338,8 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
     params = {"backbone": bparams["backbone"]}
     if "expert" in shapes:
         params = expert_from_backbone(params, cfg)
-    if "lora" in shapes:  # zero-initialised B: the model starts as the backbone
-        params["lora"] = _lora_init(shapes["lora"], c.seed)
+    if "lora" in shapes:  # the model's own LoRA initialisation (B = 0): it starts as the backbone
+        params["lora"] = cogvideox.init_params(cfg, jax.random.PRNGKey(c.seed))["lora"]
     want = jax.tree.map(lambda s: s.shape, shapes)
     assert jax.tree.map(lambda a: a.shape, params) == want, "initial parameters do not match the model's tree"
     text, stripped = text_embeddings(t5cfg, t5params, data["ids"]), text_embeddings(t5cfg, t5params, data["ids_stripped"])
@@ -375,17 +371,6 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
                 writer.add_scalar(f"{tag}/loss", float(np.mean(avg)), i)
             avg = []
     return cfg, vtree.merge(state.params, frozen)
-
-
-def _lora_init(shapes, seed: int):
-    """LoRA A ~ N(0, 1/fan_in), B = 0 (the standard initialisation: the model starts unchanged)."""
-    rng = np.random.default_rng(seed)
-
-    def init(path, s):
-        if getattr(path[-1], "key", "") == "lora_b":
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(s.shape[-2]), s.dtype)
-    return jax.tree_util.tree_map_with_path(init, shapes)
 
 
 def stage_expert(c, paths, get_pool, writer) -> None:

@@ -260,7 +260,7 @@ def _stylise(img: np.ndarray, style: str, amount: float) -> np.ndarray:
     if style == "invert":
         out = 1 - img
     elif style == "posterize":
-        out = np.round(img * 1.0) / 1.0 * 0.8 + 0.1
+        out = np.round(img) * 0.8 + 0.1  # two levels per channel
     elif style == "outline":
         lum = img @ np.array([0.3, 0.59, 0.11], np.float32)
         gx = np.abs(np.diff(lum, axis=1, append=lum[:, -1:]))
