@@ -129,3 +129,28 @@ def test_evaluate_writes_table_and_plot(tmp_path, pipeline, oracle):
     assert (tmp_path / "results.png").stat().st_size > 1000
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]["unseen_conditions"]
     assert set(runs) == {"0", "1"} and set(summary["unseen_conditions"]["overall"]) >= {"alignment", "sensitivity", "psnr"}
+
+
+def test_ablation_study_smoke(tmp_path, capsys):
+    """`python -m vapjax.toy.ablate --from-default` on a tiny budget: a workdir made from the shipped
+    default, two variants x two seeds trained and evaluated, and the table (mean ± std over seeds), its
+    JSON and its plot written; the per-run cache makes a second call reuse every run."""
+    from vapjax.toy import ablate
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--from-default", "--workdir", str(work), "--out", str(out), "--pool", "1", "--variants",
+            "mot,residual_addition", "--seeds", "0,1", "--steps", "2", "--pairs", "2", "--sample-steps", "2"]
+    ablate.main(args)
+    table = (out / "ablation.md").read_text()
+    assert table in capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith(("| mot |", "| residual_addition |"))]
+    assert len(rows) == 2 and all(line.count("±") == len(ablate.METRICS) for line in rows), table
+    result = json.loads((out / "ablation.json").read_text())
+    assert set(result["runs"]) == {"mot", "residual_addition"}
+    assert all(set(r) == {"0", "1"} for r in result["runs"].values())
+    assert (out / "ablation.png").stat().st_size > 0
+    assert sorted(os.listdir(work / "backbone")) == ["text_encoder", "transformer"]
+    (cache,) = (out / "runs").iterdir()  # keyed by the budget
+    mtimes = {p: p.stat().st_mtime for p in cache.iterdir()}
+    assert len(mtimes) == 4
+    ablate.main(args)  # every run cached: nothing retrained
+    assert {p: p.stat().st_mtime for p in cache.iterdir()} == mtimes
