@@ -42,4 +42,7 @@ def get_config():
     c.attention = ""                  # vapjax.attention implementation: "" (auto), "xla", "cudnn", "blockwise"
     c.vae_tiling = True               # spatial tiles for the VAE (needed for 480x720 on one GPU)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
+    c.offload = "encoders"            # "none" | "encoders" (text/image encoders and VAE on the host between
+                                      # uses) | "layers" (also the transformer's layers, streamed)
+    c.dry_run = False                 # True: compile every stage on abstract weights, print device memory, exit
     return c

@@ -41,4 +41,7 @@ def get_config():
                                       # 40 heads x 40560^2 joint logits (263 GB); "" / "xla" for CPU
     c.vae_tiling = False              # spatial VAE tiles (the official script does not tile)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
+    c.offload = "encoders"            # "none" | "encoders" (text/image encoders and VAE on the host between
+                                      # uses) | "layers" (also the transformer's layers, streamed)
+    c.dry_run = False                 # True: compile every stage on abstract weights, print device memory, exit
     return c

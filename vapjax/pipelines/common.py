@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vapjax import checkpoint
+from vapjax import checkpoint, memory
 
 # recorder(name, value): receives the run's intermediates (channels-last arrays), e.g. `dict.__setitem__`.
 Recorder = Callable[[str, Any], None]
@@ -34,3 +34,8 @@ def require_pipeline_folder(path: str) -> None:
                 f"{path} OUT_DIR" if os.path.exists(os.path.join(path, "model_index.json"))
                 else "convert a diffusers pipeline folder with python -m convert SRC OUT_DIR")
         raise checkpoint.CheckpointError(f"{path}: not a converted vapjax pipeline ({hint})")
+
+
+def check_offload(mode: str) -> None:
+    if mode not in memory.OFFLOAD_MODES:
+        raise ValueError(f"offload={mode!r}: one of {', '.join(memory.OFFLOAD_MODES)}")

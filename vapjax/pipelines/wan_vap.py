@@ -34,16 +34,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vapjax import checkpoint, conditioning, flow_sampling, sampling, video
+from vapjax import checkpoint, conditioning, flow_sampling, sampling, text, video
 from vapjax.clip_preprocess import CLIPPreprocessConfig
 from vapjax.encoders import MAX_LENGTH_WAN, WanEncoders
 from vapjax.models import clip, t5, wan, wan_vae
-from vapjax.pipelines.common import Component, Output, Recorder, require_pipeline_folder
+from vapjax.memory import Stage
+from vapjax.pipelines.common import Component, Output, Recorder, check_offload, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
 REFERENCE_TIMESTEP = 1  # the expert sees its clean reference at t = 1 (WPIPE:812; the trainer too)
+# Wan2.1-I2V-14B-480P's text encoder (UMT5-XXL) and scheduler_config.json (spec §5.2).
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                per_layer_position_bias=True)
+SCHEDULER = dict(_class_name="UniPCMultistepScheduler", prediction_type="flow_prediction", use_flow_sigmas=True,
+                 flow_shift=3.0, solver_order=2, solver_type="bh2", lower_order_final=True,
+                 final_sigmas_type="zero", num_train_timesteps=1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +82,16 @@ class WanVAP:
 
     @classmethod
     def load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
-             tiling: bool = False) -> "WanVAP":
+             tiling: bool = False, offload: str = "encoders") -> "WanVAP":
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets the weights and compute of the
         transformer and UMT5 (default: as stored); the VAE and CLIP run in float32 as the official
         inference script loads them. `attention` picks the transformer's dot_product_attention implementation
-        (at 480x832 only a fused one fits: "cudnn")."""
+        (at 480x832 only a fused one fits: "cudnn"). `offload` (`vapjax.memory.OFFLOAD_MODES`): which
+        weights live on the host between uses."""
         require_pipeline_folder(path)
+        check_offload(offload)
         # Encoders first: their host copies are made before the transformer takes the device.
-        encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling)
+        encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling, offload=offload != "none")
         # As stored, then cast to the dtypes the model declares: `checkpoint.load(dtype=)` would cast the
         # float32 islands of the official bf16 inference (time embedders, modulation tables, norms) too.
         tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "wan_transformer",
@@ -96,28 +105,93 @@ class WanVAP:
 
     @classmethod
     def random(cls, transformer: wan.WanConfig, vae: wan_vae.VAEConfig, text_encoder: t5.T5Config,
-               image_encoder: clip.CLIPVisionConfig, image_processor: CLIPPreprocessConfig, tokenizer: str,
-               scheduler: dict, seed: int = 0, tiling: bool = False) -> "WanVAP":
-        """Random weights (a demo that needs no download; outputs are noise-like, not meaningful)."""
+               image_encoder: clip.CLIPVisionConfig, image_processor: CLIPPreprocessConfig, tokenizer: str | None,
+               scheduler: dict, seed: int = 0, tiling: bool = False, offload: str = "encoders",
+               abstract: bool = False) -> "WanVAP":
+        """Random weights (a demo that needs no download; outputs are noise-like, not meaningful).
+        `abstract`: every weight a ShapeDtypeStruct instead (nothing allocated), for `stages`."""
+        check_offload(offload)
         key = jax.random.PRNGKey(0)
-        init = lambda fn, cfg, i: random_params(jax.eval_shape(partial(fn, cfg), key), seed * 4 + i)  # noqa: E731
+
+        def init(fn, cfg, i):
+            shapes = jax.eval_shape(partial(fn, cfg), key)
+            return shapes if abstract else random_params(shapes, seed * 4 + i)
+
         encoders = WanEncoders(vae, init(wan_vae.init_params, vae, 1), text_encoder,
-                               init(t5.init_params, text_encoder, 2), T5Tokenizer.from_folder(tokenizer),
+                               init(t5.init_params, text_encoder, 2),
+                               T5Tokenizer.from_folder(tokenizer) if tokenizer else None,
                                image_encoder, init(clip.init_params, image_encoder, 3), image_processor,
-                               tiling=wan_vae.Tiling() if tiling else None)
+                               tiling=wan_vae.Tiling() if tiling else None, offload=offload != "none")
         return cls(Component(transformer, init(wan.init_params, transformer, 0)), encoders,
                    flow_sampling.schedule_from_config(scheduler))
 
     @classmethod
     def random_from_config(cls, m, *, dtype: str | None = None, attention: str | None = None,
-                           tiling: bool = False) -> "WanVAP":
-        """`random` from a sample config's `model` section (see configs/wan_vap_tiny.py)."""
+                           tiling: bool = False, offload: str = "encoders", abstract: bool = False) -> "WanVAP":
+        """`random` from a sample config's `model` section (see configs/wan_vap_tiny.py); `m=None`: the
+        released model's architecture (Wan2.1-I2V-14B + VAP d10, its VAE, UMT5-XXL, CLIP ViT-H/14)."""
         dt = dtype or "float32"
+        sizes = lambda part, default=None: m[part].to_dict() if m is not None else dict(default or {})  # noqa: E731
         return cls.random(
-            wan.WanConfig(**m.transformer.to_dict(), dtype=dt, param_dtype=dt, attention=attention),
-            wan_vae.VAEConfig(**m.vae.to_dict()), t5.T5Config(**m.text_encoder.to_dict(), dtype=dt, param_dtype=dt),
-            clip.CLIPVisionConfig(**m.image_encoder.to_dict()), CLIPPreprocessConfig(**m.image_processor.to_dict()),
-            m.tokenizer, m.scheduler.to_dict(), seed=m.seed, tiling=tiling)
+            wan.WanConfig(**sizes("transformer"), dtype=dt, param_dtype=dt, attention=attention),
+            wan_vae.VAEConfig(**sizes("vae")), t5.T5Config(**sizes("text_encoder", UMT5_XXL), dtype=dt, param_dtype=dt),
+            clip.CLIPVisionConfig(**sizes("image_encoder")), CLIPPreprocessConfig(**sizes("image_processor")),
+            m.tokenizer if m is not None else None, m.scheduler.to_dict() if m is not None else SCHEDULER,
+            seed=m.seed if m is not None else 0, tiling=tiling, offload=offload, abstract=abstract)
+
+    @classmethod
+    def abstract_load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
+                      tiling: bool = False, offload: str = "encoders") -> "WanVAP":
+        """A converted folder's models as `load` would configure them, with abstract weights (only the
+        configs are read), for `stages`."""
+        require_pipeline_folder(path)
+
+        def cfg(sub, kind, dt=None, **options):
+            c = checkpoint.read_config(os.path.join(path, sub), kind)
+            dt = {"dtype": jnp.dtype(dt).name, "param_dtype": jnp.dtype(dt).name} if dt else {}
+            return type(c).from_dict({**c.to_dict(), **dt, **options})
+
+        with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+            scheduler = json.load(f)
+        pre = CLIPPreprocessConfig.from_file(os.path.join(path, "image_processor", "preprocessor_config.json"))
+        return cls.random(cfg("transformer", "wan_transformer", dtype, **({"attention": attention} if attention else {})),
+                          cfg("vae", "wan_vae", "float32"), cfg("text_encoder", "t5_encoder", dtype),
+                          cfg("image_encoder", "clip_vision", "float32"), pre, None, scheduler, tiling=tiling,
+                          offload=offload, abstract=True)
+
+    # -- memory ------------------------------------------------------------------------------------
+
+    def stages(self, req: Request, num_refs: int = 1) -> list[Stage]:
+        """The jitted stages of one generation of `req`'s size, with abstract inputs (`vapjax.memory`
+        compiles them for a dry run): UMT5 on the four captions, CLIP on two images, the VAE on one clip,
+        the whole denoising loop, the VAE decode."""
+        del num_refs  # always one
+        tcfg, vae, enc = self.transformer.config, self.encoders.vae_config, self.encoders
+        dtype, S = jnp.dtype(tcfg.dtype), jax.ShapeDtypeStruct
+        ids = S((4, req.max_sequence_length), jnp.int32)
+        pre = enc.clip_preprocess
+        pixels = S((2, pre.crop_height, pre.crop_width, 3), jnp.float32)
+        clip_fn = partial(clip._penultimate, enc.clip_config)
+        umt5 = partial(text._encode, enc.text_config)
+        frames = S((1, req.num_frames, req.height, req.width, 3), jnp.float32)
+        z = jax.eval_shape(enc._posterior, enc._vae_params, frames).mean
+        z = S(z.shape, jnp.float32)
+        caption = S((1,) + jax.eval_shape(umt5, enc._text_params, ids, ids).shape[1:], dtype)
+        image = S((1,) + jax.eval_shape(clip_fn, enc._clip_params, pixels).shape[1:], dtype)
+        cond = jax.eval_shape(partial(conditioning.wan, mask_channels=vae.temporal_compression), z, z, z,
+                              caption, caption, image, image)
+        steps = jax.tree.map(lambda a: S(np.shape(a), np.asarray(a).dtype), self.schedule.steps(req.steps))
+        guided = req.guidance_scale > 1.0
+        denoise = (self.transformer.params, z, cond["condition"], cond["ref_latents"], caption, caption, caption,
+                   caption, image, image, steps, S((), jnp.float32))
+        return [
+            Stage("text encoder (UMT5)", "text_encoder", umt5, (enc._text_params, ids, ids)),
+            Stage("image encoder (CLIP)", "image_encoder", clip_fn, (enc._clip_params, pixels)),
+            Stage("VAE encode (one clip)", "vae", enc._posterior, (enc._vae_params, frames)),
+            Stage(f"denoise ({req.steps} steps, {2 if guided else 1} calls/step)", "transformer", self._denoise,
+                  denoise, dict(guided=guided, record=False, progress=None)),
+            Stage("VAE decode", "vae", enc._decode, (enc._vae_params, S(z.shape, vae.dtype))),
+        ]
 
     # -- generation --------------------------------------------------------------------------------
 

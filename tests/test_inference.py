@@ -1,0 +1,109 @@
+"""Inference that fits and scales: dry runs (XLA's memory analysis of every compiled stage, on abstract
+weights), Hub ids converted once into a cache, offload modes, and one video sharded over several devices."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cog_vap_tiny, wan_vap_tiny
+from conftest import ROOT, golden_dir
+from vapjax import memory
+from vapjax.models import cogvideox, wan
+from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
+from vapjax.pipelines.cogvideox_vap import Request as CogRequest
+from vapjax.pipelines.wan_vap import Request as WanRequest
+from vapjax.pipelines.wan_vap import WanVAP
+from vapjax.video import read_video
+
+
+def test_memory_analysis_counts_weights_inputs_outputs():
+    """A known function: weights [1024, 1024] f32 (4 MiB), input [8, 1024] (32 KiB), output [8, 1024]."""
+    stage = memory.Stage("matmul", "transformer", jax.jit(lambda w, x: x @ w),
+                         (jax.ShapeDtypeStruct((1024, 1024), np.float32), jax.ShapeDtypeStruct((8, 1024), np.float32)))
+    m = memory.analyse(stage)
+    assert (m.weights, m.inputs, m.output) == (4 * 2 ** 20, 32 * 2 ** 10, 32 * 2 ** 10)
+    # Peaks per mode: a text stage of 1 MiB weights + 3 MiB activations, the transformer's stage above.
+    text = memory.StageMemory("text", "text_encoder", weights=2 ** 20, inputs=0, output=0, temp=3 * 2 ** 20, alias=0)
+    p = memory.peaks([text, m], {"text_encoder": 2 ** 20, "transformer": m.weights}, streamed=2 ** 20)
+    assert p["none"] == 2 ** 20 + m.weights + 3 * 2 ** 20             # everything resident, worst activations
+    assert p["encoders"] == m.weights + 4 * 2 ** 20                    # transformer + the text stage
+    assert p["layers"] == p["encoders"] - 2 ** 20
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_dry_run_compiles_every_stage_on_abstract_weights(family):
+    """The tiny pipelines with ShapeDtypeStruct weights (nothing allocated): every stage compiles; the
+    denoising loop's weights are exactly the transformer's parameter bytes."""
+    c = (cog_vap_tiny if family == "cogvideox" else wan_vap_tiny).get_config()
+    cls, req = (CogVideoXVAP, CogRequest) if family == "cogvideox" else (WanVAP, WanRequest)
+    pipe = cls.random_from_config(c.model, abstract=True, dtype=c.dtype, attention=c.attention or None)
+    leaves = jax.tree.leaves((pipe.transformer.params, vars(pipe.encoders)))
+    assert not [x for x in leaves if isinstance(x, (jax.Array, np.ndarray))]  # no weight was allocated
+    request = req(prompt="", ref_prompts=("",), height=c.height, width=c.width, num_frames=c.num_frames, steps=2,
+                  max_sequence_length=c.max_sequence_length)
+    stages = [memory.analyse(s) for s in pipe.stages(request)]
+    shapes = (cogvideox if family == "cogvideox" else wan).param_shapes(pipe.transformer.config)
+    (denoise,) = [s for s in stages if s.component == "transformer"]
+    assert denoise.weights == memory.nbytes(shapes) > 0
+    assert all(s.temp > 0 and s.output > 0 for s in stages)
+    p = memory.peaks(stages, {s.component: s.weights for s in stages}, memory.streamed_bytes(shapes))
+    assert p["none"] >= p["encoders"] >= p["layers"] > 0
+
+
+def sample_cli(*overrides, config="configs/cog_vap_tiny.py", env=None):
+    args = [sys.executable, "sample.py", "--config", config, *overrides]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_dry_run_cli_prints_the_memory_table():
+    run = sample_cli("--config.dry_run=True", "--config.steps=2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    for line in ("| text encoder (T5) |", "| VAE encode (one clip) |", "| denoise (2 steps, CFG batch 2) |",
+                 "| VAE decode |", "| none |", "| encoders |", "| layers |"):
+        assert line in out, out
+    assert "nothing was run" in out and not os.path.exists(ROOT / "out" / "dry.mp4")
+
+
+def hub_cache(home, repo: str, revision: str, source):
+    """`source` laid out as huggingface_hub's cache holds a downloaded model repo under HF_HOME."""
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for part in ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (shutil.copytree if (source / part).is_dir() else shutil.copy)(source / part, snapshot / part)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hub_id_is_downloaded_converted_once_and_reused(tmp_path):
+    """--config.checkpoint=Org/Name: huggingface_hub (offline, from a HF_HOME cache in the official
+    layout) finds the snapshot; sample.py converts it once into the cache keyed by its commit and the
+    second run loads that copy without converting again. Both runs give the same video."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    hub_cache(tmp_path / "hf", "ByteDance/Tiny-VAP", revision, golden_dir() / "cog_pipeline_tiny")
+    env = dict(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", VAPJAX_CACHE_DIR=str(tmp_path / "vapjax"))
+    common = ["--config.random_init=False", "--config.checkpoint=ByteDance/Tiny-VAP", "--config.steps=2",
+              "--config.max_sequence_length=96"]  # the golden tiny model's caption length
+    converted = tmp_path / "vapjax" / "converted" / f"ByteDance--Tiny-VAP--{revision}"
+    frames = []
+    for i in range(2):
+        run = sample_cli(*common, f"--config.output={tmp_path / f'{i}.mp4'}", env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert ("converting ByteDance/Tiny-VAP@0123456789ab" in run.stdout) == (i == 0), run.stdout
+        assert json.loads((converted / "pipeline.json").read_text())
+        frames.append(read_video(tmp_path / f"{i}.mp4")[0])
+    np.testing.assert_array_equal(frames[0], frames[1])
+    assert sorted(os.listdir(converted.parent)) == [converted.name]  # no partial copies left behind
+    # A Hub id that is not in the offline cache is one line.
+    run = sample_cli("--config.random_init=False", "--config.checkpoint=ByteDance/Missing", env=env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    (err,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert "ByteDance/Missing: not a local folder and not downloadable from the Hugging Face Hub" in err
