@@ -13,6 +13,7 @@ Bad input (missing or unreadable files, a too-short reference for "first"/"rando
 resolution, too many references, a folder that is not a converted checkpoint or holds another family,
 a setting that cannot take effect) ends with one `error: ...` line and exit status 2.
 """
+import contextlib
 import dataclasses
 import os
 import re
@@ -32,12 +33,13 @@ from convert import __main__ as convert_cli
 from convert.errors import ConversionError
 from vapjax import compile_cache, families, memory, video
 from vapjax.checkpoint import CheckpointError
+from vapjax.pipelines.common import Placement, parse_mesh
 from vapjax.video import VideoError
 
 
 # Config fields sample.py itself reads; every other field is one of the family's Request fields.
 RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
-            "vae_tiling", "random_init", "model", "dry_run", "offload")
+            "vae_tiling", "random_init", "model", "dry_run", "offload", "mesh", "split")
 
 
 # A Hugging Face Hub id, optionally with a revision: Org/Name or Org/Name@rev.
@@ -115,6 +117,11 @@ def make_request(c, name: str):
     return request(ref_prompts=ref_prompts, **{k: c[k] for k in fields if k in c and k != "ref_prompts"})
 
 
+def placement(c) -> Placement:
+    """Where the denoising loop runs: `mesh` ("" one device, or e.g. "data=2,tensor=4") and `split`."""
+    return Placement(parse_mesh(c.get("mesh", "")), c.get("split", "heads"))
+
+
 def build_pipeline(c):
     name = family_name(c)
     if not c.random_init and c.get("family"):
@@ -124,7 +131,7 @@ def build_pipeline(c):
                                   f"(use a {found} config, or --config.family={found})")
     pipeline = families.get(name).pipeline
     opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling,
-                offload=c.get("offload", "encoders"))
+                offload=c.get("offload", "encoders"), placement=placement(c))
     if c.random_init:
         return pipeline.random_from_config(c.model, **opts)
     return pipeline.load(c.checkpoint, **opts)
@@ -150,7 +157,8 @@ def dry_run(c) -> None:
     if attention == "cudnn" and jax.default_backend() == "cpu":
         attention = "blockwise"  # cuDNN cannot compile here; blockwise is the same O(sequence) memory class
         print("note: attention=cudnn cannot compile on CPU; analysing with attention=blockwise (also flash-style)")
-    opts = dict(dtype=c.dtype or None, attention=attention, tiling=c.vae_tiling, offload=c.get("offload", "encoders"))
+    dtype = c.dtype or None
+    opts = dict(dtype=dtype, attention=attention, tiling=c.vae_tiling, placement=placement(c))  # every offload mode
     if c.random_init:
         pipe, source = pipeline.random_from_config(c.model, abstract=True, **opts), "config.model"
     elif c.checkpoint:
@@ -165,11 +173,13 @@ def dry_run(c) -> None:
     results = []
     for stage in stages:
         print(f"compiling {stage.name} ...", flush=True)
-        results.append(memory.analyse(stage))
+        with pipe.placement.context() if stage.component == memory.TRANSFORMER else contextlib.nullcontext():
+            results.append(memory.analyse(stage))
     weights = {s.component: memory.nbytes(s.args[0]) for s in stages}
-    print(f"\n{name} ({source}), {req.num_frames}x{req.height}x{req.width}, {c.dtype or 'stored dtype'}, "
+    print(f"\n{name} ({source}), {req.num_frames}x{req.height}x{req.width}, {dtype or 'stored dtype'}, "
           f"attention={attention or 'auto'}: device memory from XLA's memory analysis of each compiled "
-          f"stage on {jax.default_backend()} (nothing was run)\n")
+          f"stage on {jax.default_backend()}{', per device of mesh ' + c.mesh if c.get('mesh') else ''} "
+          "(nothing was run)\n")
     print(memory.table(results, weights, memory.streamed_bytes(pipe.transformer.params)))
 
 

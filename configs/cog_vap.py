@@ -42,7 +42,8 @@ def get_config():
     c.attention = ""                  # vapjax.attention implementation: "" (auto), "xla", "cudnn", "blockwise"
     c.vae_tiling = True               # spatial tiles for the VAE (needed for 480x720 on one GPU)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
-    c.offload = "encoders"            # "none" | "encoders" (text/image encoders and VAE on the host between
-                                      # uses) | "layers" (also the transformer's layers, streamed)
+    c.offload = "encoders"            # "encoders": text/image encoders and VAE on the host between uses; "none"
+    c.mesh = ""                       # "" one device; e.g. "data=2,tensor=4": the denoising loop over a device mesh
+    c.split = "heads"                 # what `tensor` splits: "heads" or "sequence" (tokens; for heads it does not divide)
     c.dry_run = False                 # True: compile every stage on abstract weights, print device memory, exit
     return c

@@ -33,12 +33,13 @@ from vapjax import checkpoint, conditioning, sampling, video
 from vapjax.encoders import Encoders
 from vapjax.models import cogvideox, cogvideox_vae, t5
 from vapjax.memory import Stage
-from vapjax.pipelines.common import Component, Output, Recorder, check_offload, require_pipeline_folder
+from vapjax.pipelines.common import Component, Output, Placement, Recorder, check_offload, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
 MAX_REFERENCES = 3
+STATIC = ("guided", "record", "progress")  # the denoising loop's static arguments
 # CogVideoX-5B-I2V's scheduler_config.json (spec §5.1).
 SCHEDULER = dict(_class_name="CogVideoXDDIMScheduler", beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type="v_prediction",
@@ -71,15 +72,19 @@ class CogVideoXVAP:
     """The pipeline's components and its jitted stages. Build with `load(folder)` (a converted
     pipeline, see `python -m convert`) or `random(...)` (random weights, for demos and tests)."""
 
-    def __init__(self, transformer: Component, encoders: Encoders, schedule: sampling.DDIMSchedule):
-        self.transformer, self.encoders, self.schedule = transformer, encoders, schedule
-        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=("guided", "record", "progress"))
+    def __init__(self, transformer: Component, encoders: Encoders, schedule: sampling.DDIMSchedule,
+                 placement: Placement | None = None):
+        self.placement = placement or Placement()
+        self.transformer = Component(transformer.config, self.placement.params(transformer.params))
+        self.encoders, self.schedule = encoders, schedule
+        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=STATIC)
 
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
-             tiling: bool = False, offload: str = "none") -> "CogVideoXVAP":
+             tiling: bool = False, offload: str = "none",
+             placement: Placement | None = None) -> "CogVideoXVAP":
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets weights and compute of all
         models (default: as stored); `attention` picks the dot_product_attention implementation;
         `offload` (`vapjax.memory.OFFLOAD_MODES`) which weights live on the host between uses."""
@@ -91,12 +96,13 @@ class CogVideoXVAP:
                                  offload=offload != "none")
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = sampling.DDIMSchedule.from_config(json.load(f))
-        return cls(Component(tcfg, tparams), encoders, schedule)
+        return cls(Component(tcfg, tparams), encoders, schedule, placement)
 
     @classmethod
     def random(cls, transformer: cogvideox.CogVideoXConfig, vae: cogvideox_vae.VAEConfig, text_encoder: t5.T5Config,
                tokenizer: str | None, scheduler: dict, seed: int = 0, tiling: bool = False,
-               offload: str = "none", abstract: bool = False) -> "CogVideoXVAP":
+               offload: str = "none", abstract: bool = False,
+               placement: Placement | None = None) -> "CogVideoXVAP":
         """Random weights (a demo that needs no download; outputs are noise-like, not meaningful).
         `abstract`: every weight a ShapeDtypeStruct instead (nothing allocated), for `stages`."""
         check_offload(offload)
@@ -112,11 +118,12 @@ class CogVideoXVAP:
                             tiling=cogvideox_vae.Tiling.default(vae) if tiling else None,
                             devices=jax.local_devices()[:1], offload=offload != "none")
         return cls(Component(transformer, init(cogvideox.init_params, transformer, 0)), encoders,
-                   sampling.DDIMSchedule.from_config(scheduler))
+                   sampling.DDIMSchedule.from_config(scheduler), placement)
 
     @classmethod
     def random_from_config(cls, m, *, dtype: str | None = None, attention: str | None = None,
-                           tiling: bool = False, offload: str = "none", abstract: bool = False) -> "CogVideoXVAP":
+                           tiling: bool = False, offload: str = "none", abstract: bool = False,
+                           placement: Placement | None = None) -> "CogVideoXVAP":
         """`random` from a sample config's `model` section (see configs/cog_vap_tiny.py); `m=None`: the
         released model's architecture (CogVideoX-5B-I2V + VAP, its VAE, T5-XXL, its scheduler)."""
         dt = dtype or "float32"
@@ -127,11 +134,12 @@ class CogVideoXVAP:
                           t5.T5Config(**sizes("text_encoder"), dtype=dt, param_dtype=dt),
                           m.tokenizer if m is not None else None,
                           m.scheduler.to_dict() if m is not None else SCHEDULER, seed=m.seed if m is not None else 0,
-                          tiling=tiling, offload=offload, abstract=abstract)
+                          tiling=tiling, offload=offload, abstract=abstract, placement=placement)
 
     @classmethod
     def abstract_load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
-                      tiling: bool = False, offload: str = "none") -> "CogVideoXVAP":
+                      tiling: bool = False, offload: str = "none",
+                      placement: Placement | None = None) -> "CogVideoXVAP":
         """A converted folder's models as `load` would configure them, with abstract weights (only the
         configs are read), for `stages`."""
         require_pipeline_folder(path)
@@ -144,7 +152,7 @@ class CogVideoXVAP:
             scheduler = json.load(f)
         return cls.random(cfg("transformer", "cogvideox_transformer", attention=attention),
                           cfg("vae", "cogvideox_vae"), cfg("text_encoder", "t5_encoder"), None, scheduler,
-                          tiling=tiling, offload=offload, abstract=True)
+                          tiling=tiling, offload=offload, abstract=True, placement=placement)
 
     # -- memory ------------------------------------------------------------------------------------
 
@@ -265,10 +273,13 @@ class CogVideoXVAP:
             if x.shape != shape:
                 raise ValueError(f"latents of shape {x.shape}, expected {shape}")
             x = x.astype(dtype)
-        out = self._denoise(self.transformer.params, x, cond["image"], cond["ref_latents"], cond["text"],
-                            cond["ref_text"], steps, jnp.asarray(scales, jnp.float32), guided=guided,
-                            record=recorder is not None, progress=progress)
-        final, history = out if recorder is not None else (out, {})
+        at = self.placement  # one device, or the mesh: CFG batch over `data`, heads or tokens over `tensor`
+        with at.context():
+            out = self._denoise(self.transformer.params, at.replicated(x), at.batch(cond["image"]),
+                                at.batch(cond["ref_latents"]), at.batch(cond["text"]), at.batch(cond["ref_text"]),
+                                steps, jnp.asarray(scales, jnp.float32), guided=guided,
+                                record=recorder is not None, progress=progress)
+        final, history = at.gather(out) if recorder is not None else (at.gather(out), {})
 
         # 6. Decode (latents × float32(1/0.7), as the reference multiplies by the Python float 1/0.7).
         decode_input = final * np.float32(1 / vae.scaling_factor)

@@ -39,12 +39,13 @@ from vapjax.clip_preprocess import CLIPPreprocessConfig
 from vapjax.encoders import MAX_LENGTH_WAN, WanEncoders
 from vapjax.models import clip, t5, wan, wan_vae
 from vapjax.memory import Stage
-from vapjax.pipelines.common import Component, Output, Recorder, check_offload, require_pipeline_folder
+from vapjax.pipelines.common import Component, Output, Placement, Recorder, check_offload, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
 REFERENCE_TIMESTEP = 1  # the expert sees its clean reference at t = 1 (WPIPE:812; the trainer too)
+STATIC = ("guided", "record", "progress", "cfg_batch")  # the denoising loop's static arguments
 # Wan2.1-I2V-14B-480P's text encoder (UMT5-XXL) and scheduler_config.json (spec §5.2).
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 per_layer_position_bias=True)
@@ -74,15 +75,19 @@ class WanVAP:
     """The pipeline's components and its jitted denoising loop. Build with `load(folder)` (a converted
     pipeline, see `python -m convert`) or `random(...)` (random weights, for demos and tests)."""
 
-    def __init__(self, transformer: Component, encoders: WanEncoders, schedule):
-        self.transformer, self.encoders, self.schedule = transformer, encoders, schedule
-        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=("guided", "record", "progress"))
+    def __init__(self, transformer: Component, encoders: WanEncoders, schedule,
+                 placement: Placement | None = None):
+        self.placement = placement or Placement()
+        self.transformer = Component(transformer.config, self.placement.params(transformer.params))
+        self.encoders, self.schedule = encoders, schedule
+        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=STATIC)
 
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
-             tiling: bool = False, offload: str = "encoders") -> "WanVAP":
+             tiling: bool = False, offload: str = "encoders",
+             placement: Placement | None = None) -> "WanVAP":
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets the weights and compute of the
         transformer and UMT5 (default: as stored); the VAE and CLIP run in float32 as the official
         inference script loads them. `attention` picks the transformer's dot_product_attention implementation
@@ -101,13 +106,13 @@ class WanVAP:
             tparams = _cast_like(tparams, wan.param_shapes(tcfg))
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = flow_sampling.schedule_from_config(json.load(f))
-        return cls(Component(tcfg, tparams), encoders, schedule)
+        return cls(Component(tcfg, tparams), encoders, schedule, placement)
 
     @classmethod
     def random(cls, transformer: wan.WanConfig, vae: wan_vae.VAEConfig, text_encoder: t5.T5Config,
                image_encoder: clip.CLIPVisionConfig, image_processor: CLIPPreprocessConfig, tokenizer: str | None,
                scheduler: dict, seed: int = 0, tiling: bool = False, offload: str = "encoders",
-               abstract: bool = False) -> "WanVAP":
+               abstract: bool = False, placement: Placement | None = None) -> "WanVAP":
         """Random weights (a demo that needs no download; outputs are noise-like, not meaningful).
         `abstract`: every weight a ShapeDtypeStruct instead (nothing allocated), for `stages`."""
         check_offload(offload)
@@ -123,11 +128,12 @@ class WanVAP:
                                image_encoder, init(clip.init_params, image_encoder, 3), image_processor,
                                tiling=wan_vae.Tiling() if tiling else None, offload=offload != "none")
         return cls(Component(transformer, init(wan.init_params, transformer, 0)), encoders,
-                   flow_sampling.schedule_from_config(scheduler))
+                   flow_sampling.schedule_from_config(scheduler), placement)
 
     @classmethod
     def random_from_config(cls, m, *, dtype: str | None = None, attention: str | None = None,
-                           tiling: bool = False, offload: str = "encoders", abstract: bool = False) -> "WanVAP":
+                           tiling: bool = False, offload: str = "encoders", abstract: bool = False,
+                           placement: Placement | None = None) -> "WanVAP":
         """`random` from a sample config's `model` section (see configs/wan_vap_tiny.py); `m=None`: the
         released model's architecture (Wan2.1-I2V-14B + VAP d10, its VAE, UMT5-XXL, CLIP ViT-H/14)."""
         dt = dtype or "float32"
@@ -137,11 +143,12 @@ class WanVAP:
             wan_vae.VAEConfig(**sizes("vae")), t5.T5Config(**sizes("text_encoder", UMT5_XXL), dtype=dt, param_dtype=dt),
             clip.CLIPVisionConfig(**sizes("image_encoder")), CLIPPreprocessConfig(**sizes("image_processor")),
             m.tokenizer if m is not None else None, m.scheduler.to_dict() if m is not None else SCHEDULER,
-            seed=m.seed if m is not None else 0, tiling=tiling, offload=offload, abstract=abstract)
+            seed=m.seed if m is not None else 0, tiling=tiling, offload=offload, abstract=abstract, placement=placement)
 
     @classmethod
     def abstract_load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
-                      tiling: bool = False, offload: str = "encoders") -> "WanVAP":
+                      tiling: bool = False, offload: str = "encoders",
+                      placement: Placement | None = None) -> "WanVAP":
         """A converted folder's models as `load` would configure them, with abstract weights (only the
         configs are read), for `stages`."""
         require_pipeline_folder(path)
@@ -157,7 +164,7 @@ class WanVAP:
         return cls.random(cfg("transformer", "wan_transformer", dtype, **({"attention": attention} if attention else {})),
                           cfg("vae", "wan_vae", "float32"), cfg("text_encoder", "t5_encoder", dtype),
                           cfg("image_encoder", "clip_vision", "float32"), pre, None, scheduler, tiling=tiling,
-                          offload=offload, abstract=True)
+                          offload=offload, abstract=True, placement=placement)
 
     # -- memory ------------------------------------------------------------------------------------
 
@@ -189,7 +196,7 @@ class WanVAP:
             Stage("image encoder (CLIP)", "image_encoder", clip_fn, (enc._clip_params, pixels)),
             Stage("VAE encode (one clip)", "vae", enc._posterior, (enc._vae_params, frames)),
             Stage(f"denoise ({req.steps} steps, {2 if guided else 1} calls/step)", "transformer", self._denoise,
-                  denoise, dict(guided=guided, record=False, progress=None)),
+                  denoise, dict(guided=guided, record=False, progress=None, cfg_batch=self.placement.data_parallel)),
             Stage("VAE decode", "vae", enc._decode, (enc._vae_params, S(z.shape, vae.dtype))),
         ]
 
@@ -271,10 +278,13 @@ class WanVAP:
             if x.shape != shape:
                 raise ValueError(f"latents of shape {x.shape}, expected {shape}")
             x = x.astype(jnp.float32)
-        out = self._denoise(self.transformer.params, x, cond["condition"], cond["ref_latents"], pos, neg, pos_ref,
-                            neg_ref, image_embeds, ref_image_embeds, steps, jnp.float32(req.guidance_scale),
-                            guided=guided, record=recorder is not None, progress=progress)
-        final, history = out if recorder is not None else (out, {})
+        at = self.placement  # one device, or the mesh: CFG halves over `data`, heads or tokens over `tensor`
+        with at.context():
+            out = self._denoise(self.transformer.params, *map(at.replicated, (
+                                x, cond["condition"], cond["ref_latents"], pos, neg, pos_ref, neg_ref, image_embeds,
+                                ref_image_embeds)), steps, jnp.float32(req.guidance_scale), guided=guided,
+                                record=recorder is not None, progress=progress, cfg_batch=at.data_parallel)
+        final, history = at.gather(out) if recorder is not None else (at.gather(out), {})
 
         # 6. Decode.
         decoded = enc.decode(final)
@@ -322,21 +332,30 @@ def _cast_like(params, shapes):
 
 
 def _denoise(cfg, params, latents, condition, ref_input, text, neg_text, ref_text, neg_ref_text, image, ref_image,
-             steps, scale, *, guided, record, progress):
+             steps, scale, *, guided, record, progress, cfg_batch=False):
     """The flow-matching loop; each step the model sees [x | mask | condition] in its compute dtype.
     Guided, the two calls of a step (conditional, then unconditional: both captions negative) run one
-    after the other as a `lax.map` over the caption pairs, so the model is traced and compiled once."""
+    after the other as a `lax.map` over the caption pairs, so the model is traced and compiled once;
+    `cfg_batch` runs them as one batch of two instead (split over a mesh's `data` axis)."""
     model = wan.WanTransformer(cfg)
     dtype = jnp.dtype(cfg.dtype)
     ref_input = ref_input.astype(dtype)
     captions = [(text, ref_text)] + ([(neg_text, neg_ref_text)] if guided else [])
     captions = jax.tree.map(lambda *a: jnp.stack(a), *captions)
 
+    def call(xin, t, c):
+        return model.apply({"params": params}, xin, c[0], image, jnp.full((xin.shape[0],), t), ref_input, c[1],
+                           ref_image, REFERENCE_TIMESTEP)
+
     def denoise(x, t, i):
         xin = jnp.concatenate([x, condition], axis=-1).astype(dtype)
-        tt = jnp.full((xin.shape[0],), t)
-        pred = jax.lax.map(lambda c: model.apply({"params": params}, xin, c[0], image, tt, ref_input, c[1],
-                                                 ref_image, REFERENCE_TIMESTEP), captions)
+        if cfg_batch and guided:  # [cond; uncond] as one batch: everything but the captions repeated
+            two = lambda a: jnp.concatenate([a, a])  # noqa: E731
+            merged = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), captions)
+            pred = model.apply({"params": params}, two(xin), merged[0], two(image), jnp.full((2,), t),
+                               two(ref_input), merged[1], two(ref_image), REFERENCE_TIMESTEP)[:, None]
+        else:
+            pred = jax.lax.map(lambda c: call(xin, t, c), captions)
         cond = pred[0]
         out = sampling.guide(pred[1], cond, scale) if guided else cond
         aux = {"noise_pred_cond": cond, "noise_pred_guided": out, "latent_model_input": xin}
