@@ -5,6 +5,9 @@
     python sample.py --config configs/cog_vap.py --config.checkpoint=... --config.image=... \
         --config.ref_video=... --config.prompt=... --config.ref_prompt=...
     python sample.py --config configs/wan_vap.py --config.checkpoint=...   (same fields)
+    python sample.py --config configs/cog_vap.py --config.dry_run=True     # device memory per stage, no run
+    --config.checkpoint=ByteDance/Video-As-Prompt-CogVideoX-5B   a Hub id: downloaded, converted once, cached
+    --config.mesh=data=2,tensor=4 [--config.split=sequence]      the denoising loop over several devices
 
 The pipeline is the config's `family` in `vapjax.families` (checked against the converted checkpoint's;
 an empty `family` takes the checkpoint's). Every config field other than sample.py's own (RUN_KEYS) is a

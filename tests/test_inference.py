@@ -127,7 +127,7 @@ for family, module, cls, request, split in (("cogvideox", cog_vap_tiny, CogVideo
     c.model.transformer.num_heads = 4                     # so that tensor=4 splits the heads
     image, (ref, _) = video.read_image(c.image), video.read_video(c.ref_video)
     req = request(prompt=c.prompt, ref_prompts=(c.ref_prompt,), height=c.height, width=c.width,
-                  num_frames=c.num_frames, steps=2, max_sequence_length=c.max_sequence_length)
+                  num_frames=c.num_frames, steps=1, max_sequence_length=c.max_sequence_length)
     one = cls.random_from_config(c.model, dtype="float32", attention=c.attention or None)
     want = one(image, [ref], req)
     # The same weights and encoders (already compiled), the transformer over the mesh.
@@ -153,7 +153,7 @@ def test_one_video_over_eight_devices_equals_one_device():
     split=sequence) over `tensor`, weights split by the sharding rules. The video equals one device's."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", MESH_WORKER], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.split("RESULT", 1)[1])
     assert out["devices"] == 8
