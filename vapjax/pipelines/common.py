@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from vapjax import checkpoint, memory, sharding
+from vapjax import checkpoint, sharding
 
 # recorder(name, value): receives the run's intermediates (channels-last arrays), e.g. `dict.__setitem__`.
 Recorder = Callable[[str, Any], None]
