@@ -8,6 +8,7 @@
     python sample.py --config configs/cog_vap.py --config.dry_run=True     # device memory per stage, no run
     --config.checkpoint=ByteDance/Video-As-Prompt-CogVideoX-5B   a Hub id: downloaded, converted once, cached
     --config.mesh=data=2,tensor=4 [--config.split=sequence]      the denoising loop over several devices
+    python sample.py ... --config.lora="style.safetensors:0.8|other.safetensors"   (LoRAs merged, vapjax.lora)
 
 The pipeline is the config's `family` in `vapjax.families` (checked against the converted checkpoint's;
 an empty `family` takes the checkpoint's). Every config field other than sample.py's own (RUN_KEYS) is a
@@ -34,7 +35,8 @@ from tqdm import tqdm
 
 from convert import __main__ as convert_cli
 from convert.errors import ConversionError
-from vapjax import compile_cache, families, memory, video
+from convert.lora import module_names
+from vapjax import compile_cache, families, lora, memory, video
 from vapjax.checkpoint import CheckpointError
 from vapjax.pipelines.common import Placement, parse_mesh
 from vapjax.video import VideoError
@@ -42,7 +44,8 @@ from vapjax.video import VideoError
 
 # Config fields sample.py itself reads; every other field is one of the family's Request fields.
 RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
-            "vae_tiling", "random_init", "model", "dry_run", "offload", "mesh", "split")
+            "vae_tiling", "random_init", "model", "dry_run", "offload", "mesh", "split", "lora",
+            "side_by_side", "oracle")
 
 
 # A Hugging Face Hub id, optionally with a revision: Org/Name or Org/Name@rev.
@@ -135,9 +138,36 @@ def build_pipeline(c):
     pipeline = families.get(name).pipeline
     opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling,
                 offload=c.get("offload", "encoders"), placement=placement(c))
-    if c.random_init:
-        return pipeline.random_from_config(c.model, **opts)
-    return pipeline.load(c.checkpoint, **opts)
+    pipe = pipeline.random_from_config(c.model, **opts) if c.random_init else pipeline.load(c.checkpoint, **opts)
+    if c.get("lora"):  # external LoRAs merged into the transformer once, in the order given
+        t = pipe.transformer
+        names = module_names(families.get(name).transformer_kind, t.config)
+        t.params = lora.load_into(t.params, lora.parse_spec(c.lora), names)
+    return pipe
+
+
+def side_by_side(ref: "np.ndarray", generated: "np.ndarray", req) -> "np.ndarray":
+    """[reference | generated] frames, the reference's frames picked and resized as the model saw them."""
+    import numpy as np  # noqa: PLC0415
+    pick = video.select_reference_frames([len(ref)], len(generated), req.frames_selection, seed=req.seed)[0]
+    gen = (np.clip(generated, 0, 1) * 255).astype(np.uint8) if generated.dtype != np.uint8 else generated
+    return np.concatenate([video.resize(ref[pick], gen.shape[1], gen.shape[2]), gen], axis=2)
+
+
+def oracle_reading(path: str, ref: "np.ndarray", generated: "np.ndarray", req) -> str:
+    """The VAP-Toy oracle's reading of the reference and of the generated clip (toy-sized videos only)."""
+    import numpy as np  # noqa: PLC0415
+    from vapjax.toy import world  # noqa: PLC0415
+    from vapjax.toy.oracle import Oracle  # noqa: PLC0415
+    size = (world.FRAMES, world.HEIGHT, world.WIDTH)
+    if (len(generated),) + generated.shape[1:3] != size:
+        raise ValueError(f"the toy oracle reads {size[0]}-frame {size[1]}x{size[2]} clips, not "
+                         f"{len(generated)}x{generated.shape[1]}x{generated.shape[2]} (drop --config.oracle)")
+    pick = video.select_reference_frames([len(ref)], len(generated), req.frames_selection, seed=req.seed)[0]
+    gen = (np.clip(generated, 0, 1) * 255).astype(np.uint8)
+    ref_read, gen_read = Oracle.load(path).read(np.stack([video.resize(ref[pick], *size[1:]), gen]))
+    name = lambda n: n.replace("_", " ")  # noqa: E731
+    return f"oracle: reference: {name(ref_read)} — generated: {name(gen_read)}"
 
 
 def peak_memory() -> str:
@@ -213,8 +243,12 @@ def run(c) -> None:
     out = pipe(image, refs, req, progress=lambda i: bar.update(1))
     bar.close()
     t_gen = time.time() - t1
-    video.write_video(c.output, out.frames, fps=c.fps)
-    print(f"wrote {c.output}: {out.frames.shape[0]} frames {out.frames.shape[2]}x{out.frames.shape[1]}")
+    frames = side_by_side(refs[0], out.frames, req) if c.get("side_by_side") else out.frames
+    video.write_video(c.output, frames, fps=c.fps)
+    print(f"wrote {c.output}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}"
+          + (" [reference | generated]" if c.get("side_by_side") else ""))
+    if c.get("oracle"):
+        print(oracle_reading(c.oracle, refs[0], out.frames, req))
     print(f"time: load {t_load:.1f}s, generate {t_gen:.1f}s (incl. compilation)")
     print(f"memory: {peak_memory()}")
 
@@ -227,7 +261,7 @@ def main(argv):
     compile_cache.enable()  # a second run starts in seconds; VAPJAX_NO_COMPILE_CACHE=1 turns it off
     try:
         run(flags.FLAGS.config)
-    except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (VideoError, CheckpointError, ValueError, FileNotFoundError) as e:  # LoRAError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -26,7 +26,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from vapjax import checkpoint, compile_cache, families, sharding, training
+from convert.lora import module_names
+from vapjax import checkpoint, compile_cache, families, lora, sharding, training, validation
+from vapjax import tree as vtree
+from vapjax.data.ref_dropout import RefDropout
 from vapjax.random_init import random_params
 
 
@@ -61,9 +64,18 @@ def load_model(c):
             raise TrainingError(f"no init_checkpoint: pass --config.init_checkpoint=<converted transformer folder> "
                                 f"({family.convert_hint})")
         cfg, params = checkpoint.load(c.init_checkpoint, family.transformer_kind)
-        if not cfg.expert_layers:
-            raise TrainingError(f"{c.init_checkpoint} has no expert; convert with {family.convert_hint}")
-        cfg = cfg.with_options(**options)
+        # c.model overrides the checkpoint's architecture fields, e.g. an ablation (structure="single_branch_lora",
+        # expert_layers=()): partitions the model has no use for are dropped, a LoRA it adds starts at zero.
+        cfg = cfg.with_options(**c.model.to_dict(), **options)
+        shapes = family.param_shapes(cfg)
+        params = {k: v for k, v in params.items() if k in shapes}
+        params.update(random_params({k: s for k, s in shapes.items() if k == "lora" and k not in params}, c.seed))
+        have, want = vtree.flatten(params), vtree.flatten(shapes)
+        bad = [p for p in want if p not in have or tuple(have[p].shape) != tuple(want[p].shape)]
+        if bad:
+            raise TrainingError(f"{c.init_checkpoint} does not fit the configured model: {vtree.path_str(bad[0])} "
+                                f"is {tuple(have[bad[0]].shape) if bad[0] in have else 'missing'}, the model needs "
+                                f"{tuple(want[bad[0]].shape)} ({family.convert_hint})")
     cast = lambda a: a.astype(options["param_dtype"]) if jnp.issubdtype(a.dtype, jnp.floating) else a
     return cfg, jax.tree.map(cast, params)
 
@@ -71,14 +83,34 @@ def load_model(c):
 def make_data(c, model_cfg):
     """(batch iterator with get_state/set_state, empty-caption embedding [L, D]) for data.kind
     'synthetic' (the family's random dataset), 'latents' (precomputed vap_latents) or 'raw' (vap_data,
-    encoded on the fly by the encoders of data.pipeline)."""
+    encoded on the fly by the encoders of data.pipeline). data.mask_ref_ratio > 0: multi-reference SFT."""
+    it, empty = _make_batches(c, model_cfg)
+    if c.data.get("mask_ref_ratio"):
+        if c.recipe != "sft" or c.data.num_refs < 2:
+            raise TrainingError(f"data.mask_ref_ratio={c.data.mask_ref_ratio} has no effect with recipe {c.recipe!r} "
+                                f"and data.num_refs={c.data.num_refs} (multi-reference SFT needs num_refs >= 2)")
+        it = RefDropout(it, num_refs=c.data.num_refs, mask_ref_ratio=c.data.mask_ref_ratio, seed=c.data.seed)
+    return it, empty
+
+
+def _make_batches(c, model_cfg):
     family = families.get(c.family)
     if c.data.kind == "synthetic":
-        return family.synthetic_data(c, model_cfg)
+        return (family.dpo_synthetic if c.recipe == "dpo" else family.synthetic_data)(c, model_cfg)
     # TFDS and grain: imported only for real data.
-    from vapjax.data import features, loader  # noqa: PLC0415
+    from vapjax.data import dpo_pairs, features, loader  # noqa: PLC0415
     if c.batch_size % jax.process_count():
         raise TrainingError(f"batch_size {c.batch_size} does not split over {jax.process_count()} hosts")
+    if c.recipe == "dpo":  # (win, lose, reference) triples drawn by score from the CSV (spec §7.8)
+        if c.data.kind != "latents" or not c.data.get("scores_csv"):
+            raise TrainingError("recipe 'dpo' reads pairs from data.kind='latents' with data.scores_csv=<VAP-Data "
+                                "vap_data.csv> (the alignment scores)")
+        builder = loader.open_builder(c.data.dir)
+        fields = [f for f in builder.info.features if f not in loader.BOOKKEEPING]
+        scores, _ = dpo_pairs.read_scores(c.data.scores_csv)
+        it = dpo_pairs.DPOPairs(builder.as_data_source(split="train"), scores, fields,
+                                batch_size=c.batch_size // jax.process_count(), seed=c.data.seed)
+        return it, loader.empty_text(c.data.dir)
     it = loader.make_loader(c.data.dir, kind=c.data.kind, batch_size=c.batch_size // jax.process_count(),
                             num_refs=c.data.num_refs, seed=c.data.seed, worker_count=c.data.worker_count)
     if c.data.kind == "latents":
@@ -119,19 +151,112 @@ class MetricsSink:
                 f.close()
 
 
+def make_objective(c, model_cfg):
+    """The family's objective for recipe `c.recipe` ("sft" or "dpo")."""
+    family = families.get(c.family)
+    if c.recipe == "sft":
+        return family.objective(c, model_cfg)
+    if c.recipe == "dpo":
+        if family.dpo_objective is None:
+            raise TrainingError(f"recipe 'dpo' is not available for {c.family} (the official code has DPO for "
+                                "CogVideoX only)")
+        return family.dpo_objective(c, model_cfg)
+    raise TrainingError(f"unknown recipe {c.recipe!r} (one of: sft, dpo)")
+
+
+def lora_alpha(c) -> float:
+    return c.lora.alpha or float(c.lora.rank)
+
+
+def trainable_split(c, params, cfg):
+    """(trainable, frozen, combine): the expert (+ `unfreeze`) and the rest, or with lora.rank > 0 LoRA
+    factors on `lora.targets` and every weight frozen; `combine` rebuilds the objective's params."""
+    if c.lora.rank:
+        if c.unfreeze:
+            raise TrainingError(f"unfreeze={c.unfreeze!r} has no effect with lora.rank={c.lora.rank} (only the LoRA "
+                                "factors train)")
+        if not c.lora.targets:
+            raise TrainingError("lora.rank > 0 needs lora.targets, a regex over parameter paths, e.g. "
+                                "'blocks/attn/(to_q|to_k|to_v|to_out)/kernel'")
+        factors = lora.init(params, c.lora.targets, c.lora.rank, jax.random.key(c.seed))
+        combine = training.dpo_combine if c.recipe == "dpo" else training.lora_combine
+        return factors, params, combine(lora_alpha(c))
+    if c.recipe == "dpo":
+        raise TrainingError("recipe 'dpo' trains LoRA factors: set lora.rank (official: 32, alpha 32)")
+    # The config's regex, and what the model's structure trains beyond the expert (e.g. a single-branch finetune).
+    unfreeze = "|".join(filter(None, (c.unfreeze, families.get(c.family).unfreeze(cfg))))
+    trainable, frozen = training.split_params(params, unfreeze)
+    if not jax.tree.leaves(trainable):
+        raise TrainingError(f"nothing to train: the model has no expert; convert with "
+                            f"{families.get(c.family).convert_hint}")
+    return trainable, frozen, vtree.merge
+
+
 def setup(c):
     """(model config, mesh, sharded train state, sharded frozen params, step function)."""
     cfg, params = load_model(c)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    trainable, frozen = training.split_params(params, c.unfreeze)
+    objective = make_objective(c, cfg)
+    trainable, frozen, combine = trainable_split(c, params, cfg)
     frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
-    trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
+    # LoRA factors are small: replicated.
+    trainable = jax.device_put(trainable, sharding.replicated(mesh) if c.lora.rank else
+                               sharding.param_shardings(trainable, mesh))
     tx = training.make_optimizer(c.optimizer)
     state = jax.jit(lambda p: training.init_state(p, tx))(trainable)  # moments inherit the param shardings
-    objective = families.get(c.family).objective(c, cfg)
     lr = training.learning_rate(c.optimizer)
-    step_fn = training.make_train_step(objective, tx, lambda s: lr(s // c.optimizer.grad_accum))  # lr per optimizer step
+    step_fn = training.make_train_step(objective, tx, lambda s: lr(s // c.optimizer.grad_accum),  # lr per optimizer step
+                                       combine)
     return cfg, mesh, state, frozen, step_fn
+
+
+def current_weights(c, trainable, frozen):
+    """The transformer weights a sample uses now: the union, or the frozen weights with the LoRA merged
+    (DPO: the policy), on one device (the pipeline's)."""
+    params = lora.apply(frozen, trainable, lora_alpha(c)) if c.lora.rank else vtree.merge(trainable, frozen)
+    return jax.device_put(params, jax.local_devices()[0])
+
+
+def make_validator(c, model_cfg, writer) -> validation.Validator | None:
+    """Samples of validation.file every validation.every steps (process 0 of a single-process run), with
+    the encoders of validation.pipeline (a converted pipeline folder; its transformer weights are replaced
+    by the run's) or, for random-weight runs, a pipeline built from validation.model (a sample config's
+    `model` section whose transformer is this run's model)."""
+    v = c.validation
+    if not v.every:
+        return None
+    if jax.process_count() > 1:
+        raise TrainingError("validation.every needs a single-process run (the pipeline samples on one host)")
+    if not v.file:
+        raise TrainingError("validation.every > 0 needs validation.file=<validation.json in the official layout>")
+    family = families.get(c.family)
+    cases, settings = validation.read_cases(v.file, v.max_samples, v.score_threshold)
+    if v.steps:
+        settings["steps"] = v.steps
+    settings.update(v.request.to_dict())   # other Request fields, e.g. guidance_scale, max_sequence_length
+    if v.pipeline:
+        pipe = family.pipeline.load(v.pipeline, dtype=c.model_options.dtype)
+    elif v.get("model") is not None:
+        pipe = family.pipeline.random_from_config(v.model, dtype=c.model_options.dtype)
+    else:
+        raise TrainingError("validation needs validation.pipeline=<converted pipeline folder> (its VAE and text "
+                            "encoder)")
+    if pipe.transformer.config.expert_layers != model_cfg.expert_layers or \
+            jax.tree.map(np.shape, pipe.transformer.params) != jax.tree.map(np.shape, load_shapes(c, model_cfg)):
+        raise TrainingError("validation.pipeline's transformer is not this run's model (other sizes or expert layers)")
+    return validation.Validator(pipe, family.request, cases, settings, os.path.join(c.workdir, "samples"), writer)
+
+
+def load_shapes(c, model_cfg):
+    return families.get(c.family).param_shapes(model_cfg)
+
+
+def export_lora(c, model_cfg, factors) -> str:
+    """<workdir>/<lora.export>: the trained factors as a diffusers/PEFT LoRA file."""
+    path = os.path.join(c.workdir, c.lora.export)
+    names = module_names(families.get(c.family).transformer_kind, model_cfg)
+    lora.export(path, jax.tree.map(np.asarray, factors), lora_alpha(c), names)
+    return path
 
 
 def checkpoints(c, model_cfg):
@@ -174,6 +299,7 @@ def train(c):
     tokens = families.get(c.family).sequence_length(cfg, first)   # per sample, both streams
     config_dict = json.loads(c.to_json())
     sink = MetricsSink(c, enabled=main)
+    validate = make_validator(c, cfg, sink.writer) if main else None
     history, window, t_last = [], [], time.time()
     start = int(state.step)
     bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main or not c.progress)
@@ -193,15 +319,24 @@ def train(c):
         bar.update(1)
         done = step + 1
         ckpt.save(done, state, data.get_state(), config_dict, force=done == c.steps)
+        if validate and (done % c.validation.every == 0 or done == c.steps):
+            t_val = time.time()
+            written = validate(done, current_weights(c, state.params, frozen))
+            tqdm.write(f"step {done}: validation wrote {len(written)} samples to {os.path.dirname(written[0])} "
+                       f"({time.time() - t_val:.1f}s)")
+            t_last += time.time() - t_val   # throughput excludes validation
         if done % c.log_every == 0 or done == c.steps:
             dt, n = time.time() - t_last, len(window)
+            extra = {k: np.mean([w[k] for w in window]) for k in m if k not in ("loss", "grad_norm", "lr", "step")}
             sink.summary(done, {"loss": np.mean([w["loss"] for w in window]), "grad_norm": m["grad_norm"],
-                                "lr": m["lr"], "steps/s": n / dt, "samples/s": n * c.batch_size / dt,
+                                "lr": m["lr"], **extra, "steps/s": n / dt, "samples/s": n * c.batch_size / dt,
                                 "tokens/s": n * c.batch_size * tokens / dt})
             window, t_last = [], time.time()
     bar.close()
     ckpt.wait()
     ckpt.close()
+    if c.lora.rank and main:
+        print(f"wrote {export_lora(c, cfg, state.params)}", flush=True)
     sink.close()
     return history, state, frozen
 

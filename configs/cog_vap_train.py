@@ -21,15 +21,25 @@ def get_config():
     c.workdir = "runs/cog_vap"
     c.init_checkpoint = ""          # converted transformer (backbone + expert); referenced, never copied
     c.random_init = False
+    # Architecture fields over the checkpoint's (every field with random_init), e.g. the paper's ablations
+    # (vapjax.models.cogvideox STRUCTURES, REF_ROPES, expert_layer_preset): structure="residual_addition",
+    # ref_rope="identical", expert_layers="first_half", or structure="single_branch_lora", lora_rank=64,
+    # expert_layers=() (a stock checkpoint: python -m convert CogVideoX-5b-I2V/transformer OUT).
     c.model = ml_collections.ConfigDict()
     # bf16 weights and compute as the official trainer; per-layer full rematerialisation.
     c.model_options = ml_collections.ConfigDict(dict(dtype="bfloat16", param_dtype="bfloat16", attention="",
                                                      remat="full"))
     c.unfreeze = ""                 # regex over parameter paths to train beyond the expert (ablations)
+    c.recipe = "sft"                # "sft" (the objective of spec §7.3/§7.4) or "dpo" (§7.8, CogVideoX)
+    # LoRA (rank > 0): only low-rank factors of the Linear kernels whose path matches `targets` train
+    # (everything else, the expert included, is frozen); exported to <workdir>/<export> for diffusers.
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets="", export="lora.safetensors"))
+    c.dpo = ml_collections.ConfigDict(dict(beta=500.0))   # the official trainer's β (scale term −β/2)
     c.seed = 42
     c.steps = 60_000
     c.batch_size = 8                # global
     c.caption_dropout = 0.02
+    c.ref_noise = False             # ablation: references noised to their own timestep, which drives the expert
     c.scaling_factor = 0.7
     c.scheduler = ml_collections.ConfigDict(COGVIDEOX_SCHEDULER)
     c.optimizer = ml_collections.ConfigDict(dict(
@@ -37,9 +47,17 @@ def get_config():
         grad_clip=1.0, fp32_moments=True, grad_accum=1))
     # kind: "latents" (python -m vapjax.data.precompute), "raw" (vap_data, encoded on the fly with the VAE
     # and T5 of `pipeline`), or "synthetic" (RandomLatents of `size` examples, for smoke tests).
-    c.data = ml_collections.ConfigDict(dict(kind="latents", dir="", pipeline="", num_refs=1, seed=42,
-                                            worker_count=4, size=0))
+    # num_refs references per sample; mask_ref_ratio > 0 trains with N = 1 + Binomial(num_refs − 1,
+    # 1 − ratio) of them per step (multi-reference SFT, vapjax.data.ref_dropout).
+    c.data = ml_collections.ConfigDict(dict(kind="latents", dir="", pipeline="", num_refs=1, mask_ref_ratio=0.0,
+                                            seed=42, worker_count=4, size=0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Every `every` steps (0: off), sample `max_samples` cases of `file` (official validation.json layout)
+    # with `steps` denoising steps (0: the file's) using the encoders of `pipeline`; mp4s go to
+    # <workdir>/samples/step_N/ and TensorBoard. Official: every 200 steps (100 for DPO).
+    c.validation = ml_collections.ConfigDict(dict(every=0, file="", pipeline="", max_samples=2, steps=0,
+                                                  score_threshold=70.0, model=None,
+                                                  request=ml_collections.ConfigDict()))  # Request overrides
     c.log_every = 10
     c.checkpoint_every = 500
     c.keep = 3

@@ -45,4 +45,5 @@ def get_config():
     c.mesh = ""                       # "" one device; e.g. "data=2,tensor=4": the denoising loop over a device mesh
     c.split = "heads"                 # what `tensor` splits: "heads" or "sequence" (tokens; for heads it does not divide)
     c.dry_run = False                 # True: compile every stage on abstract weights, print device memory, exit
+    c.lora = ""                       # LoRA file(s) merged into the transformer: "a.safetensors:0.8|b.safetensors"
     return c

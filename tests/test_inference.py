@@ -5,8 +5,10 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -16,9 +18,11 @@ from vapjax import memory
 from vapjax.models import cogvideox, wan
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
 from vapjax.pipelines.cogvideox_vap import Request as CogRequest
+from vapjax.pipelines.common import placement_for
 from vapjax.pipelines.wan_vap import Request as WanRequest
 from vapjax.pipelines.wan_vap import WanVAP
-from vapjax.video import read_video
+from vapjax.tree import flatten
+from vapjax.video import read_image, read_video
 
 
 def test_memory_analysis_counts_weights_inputs_outputs():
@@ -54,6 +58,51 @@ def test_dry_run_compiles_every_stage_on_abstract_weights(family):
     assert all(s.temp > 0 and s.output > 0 for s in stages)
     p = memory.peaks(stages, {s.component: s.weights for s in stages}, memory.streamed_bytes(shapes))
     assert p["none"] >= p["encoders"] >= p["layers"] > 0
+
+
+
+# Primitives that may touch a host-resident array: moving it, or slicing a layer out of its stack.
+MOVES = {"device_put", "slice", "dynamic_slice", "squeeze", "reshape", "scan", "pjit", "jit", "closed_call",
+         "checkpoint", "remat", "while", "cond", "custom_jvp_call", "custom_vjp_call"}
+
+
+def host_reads(jaxpr) -> list[str]:
+    """Primitives anywhere in `jaxpr` (nested jaxprs included) that compute on a host-memory array."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name not in MOVES and any(
+                str(getattr(v.aval, "memory_space", "")).endswith("Host") for v in eqn.invars if hasattr(v, "aval")):
+            found.append(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += host_reads(sub)
+    return found
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_streamed_layers_equal_the_resident_run_bit_for_bit(family):
+    """offload="layers": every layer stack (paths through `blocks`) sits in pinned host memory, the rest
+    of the transformer on the device; the denoising loop computes on no host array (each layer is
+    device_put before use) and its video equals the resident run's exactly."""
+    c = (cog_vap_tiny if family == "cogvideox" else wan_vap_tiny).get_config()
+    cls, request = (CogVideoXVAP, CogRequest) if family == "cogvideox" else (WanVAP, WanRequest)
+    image, (ref, _) = read_image(c.image), read_video(c.ref_video)
+    req = request(prompt=c.prompt, ref_prompts=(c.ref_prompt,), height=c.height, width=c.width,
+                  num_frames=c.num_frames, steps=2, max_sequence_length=c.max_sequence_length)
+    resident = cls.random_from_config(c.model, dtype="float32", attention=c.attention or None, offload="none")
+    want = resident(image, [ref], req)
+    pipe = cls(resident.transformer, resident.encoders, resident.schedule, placement_for("layers", None))
+    assert pipe.transformer.config.stream_layers and not resident.transformer.config.stream_layers
+    kinds = {p: a.sharding.memory_kind for p, a in flatten(pipe.transformer.params).items()}
+    assert {k for p, k in kinds.items() if "blocks" in p} == {"pinned_host"}
+    assert {k for p, k in kinds.items() if "blocks" not in p} == {"device"}
+    (stage,) = [s for s in pipe.stages(req) if s.component == "transformer"]
+    jaxpr = jax.make_jaxpr(partial(stage.fn, **stage.static))(*stage.args)
+    assert "<host>" in str(jaxpr) and not host_reads(jaxpr.jaxpr), host_reads(jaxpr.jaxpr)
+    got = pipe(image, [ref], req)
+    np.testing.assert_array_equal(got.latents, want.latents)
+    np.testing.assert_array_equal(got.frames, want.frames)
+    with pytest.raises(ValueError, match="offload='disk': one of none, encoders, layers"):
+        placement_for("disk", None)
 
 
 def sample_cli(*overrides, config="configs/cog_vap_tiny.py", env=None):

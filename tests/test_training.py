@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -582,6 +583,7 @@ def test_train_on_precomputed_vap_data(tmp_path):
 
     c = tiny_config(tmp_path / "run", steps=6, batch_size=2, random_init=False,
                     init_checkpoint=str(tmp_path / "pipe" / "transformer"))
+    c.model = ml_collections.ConfigDict()  # the checkpoint's architecture (c.model would override it)
     c.data.kind, c.data.dir = "latents", latents.data_dir
     history, state, frozen = train(c)
     losses = [m["loss"] for m in history]
@@ -591,6 +593,7 @@ def test_train_on_precomputed_vap_data(tmp_path):
     # The raw clips, encoded on the fly by the same VAE and T5.
     c = tiny_config(tmp_path / "run_raw", steps=2, batch_size=2, random_init=False,
                     init_checkpoint=str(tmp_path / "pipe" / "transformer"))
+    c.model = ml_collections.ConfigDict()
     c.data.kind, c.data.dir, c.data.pipeline = "raw", data.data_dir, str(tmp_path / "pipe")
     history, _, _ = train(c)
     assert len(history) == 2 and np.all(np.isfinite([m["loss"] for m in history]))
@@ -696,3 +699,67 @@ def test_unfreeze_regex_and_fp32_moments(tmp_path):
     assert moments and all(a.dtype == jnp.float32 for a in moments)
     head = vtree.flatten(state.params)[("backbone", "head", "proj_out", "kernel")]
     assert np.any(np.asarray(head) != np.asarray(initial["backbone"]["head"]["proj_out"]["kernel"]))
+
+
+def test_ablation_structure_trains_from_a_vap_checkpoint(tmp_path):
+    """A training config switches a converted VAP checkpoint to an ablation (c.model overrides the
+    checkpoint's architecture): single-branch LoRA drops the expert, adds a zero-initialised LoRA, trains
+    only it for two steps and leaves the backbone bit-identical."""
+    from train import load_model, train  # noqa: PLC0415
+    from vapjax import checkpoint  # noqa: PLC0415
+    c = tiny_config(tmp_path / "run", steps=2)
+    cfg, params = load_model(c)
+    checkpoint.save(str(tmp_path / "vap"), params, cfg)
+    c.random_init = False
+    c.init_checkpoint = str(tmp_path / "vap")
+    c.model = ml_collections.ConfigDict(dict(structure="single_branch_lora", lora_rank=4, expert_layers=()))
+    cfg2, initial = load_model(c)
+    assert cfg2.structure == "single_branch_lora" and set(initial) == {"backbone", "lora"}
+    assert all(np.all(ab["lora_b"] == 0) for ab in initial["lora"]["blocks"].values())
+    history, state, frozen = train(c)
+    assert len(history) == 2 and all(np.isfinite(m["loss"]) for m in history)
+    assert set(state.params) == {"lora"}
+    jax.tree.map(np.testing.assert_array_equal, frozen, {"backbone": params["backbone"]})
+    assert all(np.any(np.asarray(ab["lora_b"]) != 0) for ab in state.params["lora"]["blocks"].values())
+
+
+def test_noisy_reference():
+    """ref_noise: the reference clip channels are noised to the sample's own t_ref (ᾱ = 1 leaves them,
+    ᾱ = 0 replaces them by unit noise), the first-frame condition stays clean, and the objective hands the
+    model the noised reference with `ref_t` (a stand-in model records its call)."""
+    rng = np.random.default_rng(0)
+    ref = jnp.asarray(rng.standard_normal((2, 4, 2, 3, 8), np.float32))
+    cond = {"ref_latents": ref, "text": jnp.zeros(1)}
+    for value in (1.0, 0.0):
+        out = training.noisy_reference(cond, jax.random.PRNGKey(0), np.full(1000, value))
+        np.testing.assert_array_equal(out["ref_latents"][..., 4:], ref[..., 4:])
+        assert out["ref_t"].shape == (2,) and out["text"] is cond["text"]
+        clip = np.asarray(out["ref_latents"][..., :4])
+        if value == 1.0:
+            np.testing.assert_array_equal(clip, ref[..., :4])
+        else:
+            corr = np.corrcoef(clip.ravel(), np.asarray(ref[..., :4]).ravel())[0, 1]
+            assert abs(corr) < 0.2 and 0.8 < clip.std() < 1.2
+
+    class Recorder:  # the model's call signature; predicts zeros
+        def apply(self, variables, latents, text, t, ref_latents, ref_text, ref_t=None):
+            self.ref_latents, self.ref_t = ref_latents, ref_t
+            return jnp.zeros(latents.shape[:-1] + (latents.shape[-1] // 2,), latents.dtype)
+
+    from vapjax import families  # noqa: PLC0415
+    c = tiny_config("/unused")
+    cfg = cogvideox.CogVideoXConfig(**c.model.to_dict(), **{**c.model_options.to_dict(), "attention": None})
+    data, empty = families.get("cogvideox").synthetic_data(c, cfg)
+    batch, alphas = next(data), DDIMSchedule.from_config(c.scheduler.to_dict()).alphas_cumprod
+    seen = {}
+    for noisy in (False, True):
+        model = Recorder()
+        objective = training.cogvideox_objective(model, alphas, scaling_factor=0.7, caption_dropout=0.0,
+                                                 dtype=jnp.float32, ref_noise=noisy)
+        assert np.isfinite(float(objective(None, batch, jax.random.PRNGKey(1), jnp.asarray(empty))))
+        seen[noisy] = model
+    assert seen[False].ref_t is None and seen[True].ref_t.shape == (c.batch_size,)
+    clean, noised = seen[False].ref_latents, seen[True].ref_latents
+    half = clean.shape[-1] // 2
+    np.testing.assert_array_equal(noised[..., half:], clean[..., half:])
+    assert not np.allclose(noised[..., :half], clean[..., :half])

@@ -17,6 +17,11 @@ A family names what differs between them for the entry points:
   text_length       `(train_config, model_config) -> int`: the caption length the data path encodes to
   sequence_length   `(model_config, batch) -> int`: tokens of one sample's joint attention (throughput)
   convert_hint      how to make a trainable checkpoint (expert initialised) from the stock one
+  unfreeze          `model_config -> regex` of what the model's structure trains beyond the default
+                    trainable partitions (`vapjax.training.is_trainable`), e.g. a single-branch finetune
+  dpo_objective     like `objective` for recipe "dpo" (params = {'policy', 'reference'}, batches of
+                    (win, lose) pairs), or None where the official code has no DPO (Wan)
+  dpo_synthetic     like `synthetic_data`, in the DPO pair format, or None
 
 A family is one entry here, next to its converter (`convert/__main__.py` MODELS, `convert/pipeline.py`
 PIPELINES), its checkpoint kind (`vapjax.checkpoint.KINDS`) and its training features
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vapjax import checkpoint, sampling, training
-from vapjax.data.random_latents import RandomLatents, RandomWanLatents
+from vapjax.data.random_latents import RandomDPOPairs, RandomLatents, RandomWanLatents
 from vapjax.models import cogvideox, wan
 from vapjax.pipelines import cogvideox_vap, wan_vap
 
@@ -49,6 +54,9 @@ class Family:
     text_length: Callable[[Any, Any], int]
     sequence_length: Callable[[Any, Mapping[str, np.ndarray]], int]
     convert_hint: str
+    unfreeze: Callable[[Any], str] = lambda cfg: ""
+    dpo_objective: Callable[[Any, Any], Callable] | None = None
+    dpo_synthetic: Callable[[Any, Any], tuple[Any, np.ndarray]] | None = None
 
 
 def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
@@ -56,7 +64,22 @@ def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
     schedule = sampling.DDIMSchedule.from_config(c.scheduler.to_dict())
     return training.cogvideox_objective(cogvideox.CogVideoXTransformer(cfg), schedule.alphas_cumprod,
                                         scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout,
-                                        dtype=jnp.dtype(cfg.dtype))
+                                        dtype=jnp.dtype(cfg.dtype), ref_noise=c.get("ref_noise", False))
+
+
+def _cogvideox_dpo_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
+    """Diffusion-DPO (spec §7.8) on the §7.3 losses, with the config's β, scaling factor and caption dropout."""
+    schedule = sampling.DDIMSchedule.from_config(c.scheduler.to_dict())
+    return training.cogvideox_dpo_objective(cogvideox.CogVideoXTransformer(cfg), schedule.alphas_cumprod,
+                                            scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout,
+                                            dtype=jnp.dtype(cfg.dtype), beta=c.dpo.beta)
+
+
+def _cogvideox_dpo_synthetic(c, cfg: cogvideox.CogVideoXConfig):
+    data = RandomDPOPairs(size=c.data.size, batch_size=c.batch_size, frames=cfg.latent_frames,
+                          height=cfg.sample_height, width=cfg.sample_width, channels=cfg.out_channels,
+                          text_len=cfg.max_text_seq_length, text_dim=cfg.text_embed_dim, seed=c.data.seed)
+    return data, data.empty_text
 
 
 def _cogvideox_synthetic(c, cfg: cogvideox.CogVideoXConfig):
@@ -69,7 +92,7 @@ def _cogvideox_synthetic(c, cfg: cogvideox.CogVideoXConfig):
 
 def _cogvideox_sequence(cfg: cogvideox.CogVideoXConfig, batch) -> int:
     """[caption ; video] of the target and of each reference."""
-    f, h, w = np.shape(batch["latent_dist"])[1:4]
+    f, h, w = np.shape(batch["latent_dist"])[-4:-1]   # also for DPO pairs [P, 2, f, h, w, 2C]
     return (cfg.max_text_seq_length + f * h * w // cfg.patch_size ** 2) * (1 + np.shape(batch["ref_text"])[1])
 
 
@@ -101,7 +124,9 @@ FAMILIES: dict[str, Family] = {
         objective=_cogvideox_objective,
         param_shapes=cogvideox.param_shapes, synthetic_data=_cogvideox_synthetic,
         text_length=lambda c, cfg: cfg.max_text_seq_length, sequence_length=_cogvideox_sequence,
-        convert_hint="python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40"),
+        convert_hint="python -m convert CogVideoX-5b-I2V/transformer OUT --init-expert copy --expert-layers 0-40",
+        unfreeze=cogvideox.structure_unfreeze,
+        dpo_objective=_cogvideox_dpo_objective, dpo_synthetic=_cogvideox_dpo_synthetic),
     "wan": Family(
         transformer_kind="wan_transformer", pipeline=wan_vap.WanVAP, request=wan_vap.Request, objective=_wan_objective,
         param_shapes=wan.param_shapes, synthetic_data=_wan_synthetic,

@@ -13,7 +13,8 @@ arguments (weights, other inputs), its outputs and its temporaries (activations,
             own stage;
   layers    as `encoders`, and the transformer's stacked layers stay in host memory: the device holds
             its other weights and the layers in flight (one in use, one prefetched). An estimate from
-            the resident loop's analysis: the pipelines do not run this mode yet.
+            the resident loop's analysis (`vapjax.offload` runs the mode; XLA's CPU analysis does not
+            tell host from device buffers).
 """
 from __future__ import annotations
 

@@ -70,6 +70,11 @@ PARAM_AXES: Sequence[tuple[str, tuple]] = (
     (r"patch_embed/(proj|text_proj)/bias$", ("embed",)),
     (r"time_embedding/linear_[12]/kernel$", (None, None)),     # small (≤ 3072×512): replicated
     (r"time_embedding/linear_[12]/bias$", (None,)),
+    # CogVideoX single-branch LoRA (lora/blocks/…): W + A·B on the attention projections, split as W
+    (r"^lora/blocks/to_[qkv]/lora_a$", ("embed", None)),
+    (r"^lora/blocks/to_[qkv]/lora_b$", (None, "heads")),
+    (r"^lora/blocks/to_out/lora_a$", ("heads", None)),
+    (r"^lora/blocks/to_out/lora_b$", (None, "embed")),
     # Wan transformer (backbone/… and expert/…): attn1 self-, attn2 cross-attention (+ image k/v)
     (r"attn[12]/(to_[qkv]|add_[kv]_proj)/kernel$", ("embed", "heads")),
     (r"attn[12]/(to_[qkv]|add_[kv]_proj)/bias$", ("heads",)),

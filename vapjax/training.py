@@ -1,8 +1,8 @@
 """Training the VAP expert: objectives, the frozen-backbone optimizer, the sharded step, checkpoints.
 
-The parameter tree splits into a *trainable* part (the `expert` partition, plus whatever a config regex
-unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the trainable part
-only — the frozen part is a plain input of the step — and the optimizer state exists only for it, so the
+The parameter tree splits into a *trainable* part (the `expert` and `lora` partitions, plus whatever a
+config regex unfreezes) and a *frozen* part (the backbone). Gradients are taken with respect to the
+trainable part only — the frozen part is a plain input of the step — and the optimizer state exists only for it, so the
 backbone gets neither weight gradients nor optimizer memory and stays bit-identical.
 
 Objectives (spec §7.3, §7.4) are functions of a `predict` callable, so one trainer serves CogVideoX's
@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from vapjax import conditioning
+from vapjax import conditioning, lora
 from vapjax import tree as vtree
 from vapjax.models.cogvideox_vae import Posterior
 
@@ -32,6 +32,8 @@ Array = jax.Array
 
 # Official training never updates torch *buffers*; the expert's learned position table is one.
 BUFFERS = ("pos_embedding",)
+# Partitions that train by default: the VAP expert, and a LoRA (the single-branch LoRA ablation).
+TRAINABLE_PARTITIONS = ("expert", "lora")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,10 +41,10 @@ BUFFERS = ("pos_embedding",)
 # ---------------------------------------------------------------------------------------------
 
 def is_trainable(path: vtree.Path, unfreeze: str = "") -> bool:
-    """The expert partition (minus buffers), or anything matching the `unfreeze` regex."""
+    """The expert and LoRA partitions (minus buffers), or anything matching the `unfreeze` regex."""
     if unfreeze and re.search(unfreeze, vtree.path_str(path)):
         return True
-    return path[0] == "expert" and path[-1] not in BUFFERS
+    return path[0] in TRAINABLE_PARTITIONS and path[-1] not in BUFFERS
 
 
 def split_params(params: Mapping, unfreeze: str = "") -> tuple[dict, dict]:
@@ -139,6 +141,37 @@ def cogvideox_inputs(batch: Mapping[str, Array], rng: Array, scaling_factor: flo
     return dict(x0=x0, **cond)
 
 
+def cogvideox_dpo_inputs(batch: Mapping[str, Array], rng: Array, scaling_factor: float, empty_text: Array,
+                         caption_dropout: float, dtype) -> dict[str, Array]:
+    """DPO model inputs (spec §7.8) for P pairs, as 2P samples ordered [win_0, lose_0, win_1, lose_1, …]:
+    the targets' fields carry a pair axis (`latent_dist` [P, 2, …], `image_dist` [P, 2, …], `text`
+    [P, 2, L, D]); the one reference of a pair (`ref_*` [P, N, …]) is drawn once and repeated to both of
+    its samples, as the official trainer repeats the reference tensors; caption dropout blanks the win,
+    lose and reference captions of a pair together (DS:1156-1158)."""
+    p = batch["latent_dist"].shape[0]
+    k = iter(jax.random.split(rng, 5))
+    z = lambda d: (Posterior.from_concat(d.astype(jnp.float32)).sample(next(k)) * scaling_factor).astype(dtype)
+    pairs = lambda a: a.reshape((2 * p,) + a.shape[2:])
+    both = lambda a: jnp.repeat(a, 2, axis=0)
+    x0, image = pairs(z(batch["latent_dist"])), pairs(z(batch["image_dist"]))
+    ref_latents, ref_first = both(z(batch["ref_latent_dist"])), both(z(batch["ref_image_dist"]))
+    drop = both(jax.random.uniform(next(k), (p,)) < caption_dropout)
+    blank = lambda text: jnp.where(drop.reshape((-1,) + (1,) * (text.ndim - 1)), empty_text, text).astype(dtype)
+    cond = conditioning.cogvideox(image, ref_latents, ref_first, blank(pairs(batch["text"])),
+                                  blank(both(batch["ref_text"])))
+    return dict(x0=x0, **cond)
+
+
+def dpo_loss(policy: Array, reference: Array, pair_weight: Array, beta: float) -> tuple[Array, Array]:
+    """(loss, implicit reward margin) of Diffusion-DPO (spec §7.8, TR:774-825) from per-sample losses
+    [2P] ordered [win, lose, …] under the policy and the frozen reference:
+    margin = −β/2·[(ℓ_w − ℓ_l) − (ℓ^ref_w − ℓ^ref_l)], loss = mean over pairs of −log σ(margin)·w_pair.
+    The reference losses carry no gradient."""
+    pol, ref = policy.reshape(-1, 2), jax.lax.stop_gradient(reference).reshape(-1, 2)
+    margin = -0.5 * beta * ((pol[:, 0] - pol[:, 1]) - (ref[:, 0] - ref[:, 1]))
+    return jnp.mean(-jax.nn.log_sigmoid(margin) * pair_weight.astype(jnp.float32)), jnp.mean(margin)
+
+
 def wan_inputs(batch: Mapping[str, Array], rng: Array, empty_text: Array, caption_dropout: float,
                dtype) -> dict[str, Array]:
     """Model inputs from a Wan batch (vapjax.data, spec §4.3, §8.9): x0 and the reference latents are fresh
@@ -178,11 +211,25 @@ def wan_predictor(model, params, cond: Mapping[str, Array], ref_t: int = 1) -> C
 
 def cogvideox_predictor(model, params, cond: Mapping[str, Array]) -> Callable[[Array, Array], Array]:
     """predict(x_t, t) -> v̂: the model on [x_t | image condition] with the references of `cond`
-    (the output of `conditioning.cogvideox`)."""
+    (the output of `conditioning.cogvideox`, and `ref_t` for a noisy reference)."""
     def predict(x_t, t):
         latents = jnp.concatenate([x_t, cond["image"].astype(x_t.dtype)], axis=-1)
-        return model.apply({"params": params}, latents, cond["text"], t, cond["ref_latents"], cond["ref_text"])
+        return model.apply({"params": params}, latents, cond["text"], t, cond["ref_latents"], cond["ref_text"],
+                           ref_t=cond.get("ref_t"))
     return predict
+
+
+def noisy_reference(cond: Mapping[str, Array], rng: Array, alphas_cumprod: np.ndarray) -> dict[str, Array]:
+    """The noisy-reference ablation (Diffusion-Forcing style): each sample's references are noised to their
+    own timestep t_ref (the target's draw, drawn independently), x = √ᾱ x0 + √(1−ᾱ) ε on the clip channels
+    (the first-frame condition stays clean), and `ref_t` = t_ref drives the expert's adaLN."""
+    k_t, k_noise = jax.random.split(rng)
+    ref = cond["ref_latents"]
+    b, c = ref.shape[0], ref.shape[-1] // 2
+    t_ref = cogvideox_timesteps(k_t, b, len(alphas_cumprod))
+    ab = jnp.asarray(alphas_cumprod, ref.dtype)[t_ref].reshape((-1,) + (1,) * (ref.ndim - 1))
+    clip = jnp.sqrt(ab) * ref[..., :c] + jnp.sqrt(1 - ab) * jax.random.normal(k_noise, ref[..., :c].shape, ref.dtype)
+    return {**cond, "ref_latents": jnp.concatenate([clip, ref[..., c:]], axis=-1), "ref_t": t_ref}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +237,11 @@ def cogvideox_predictor(model, params, cond: Mapping[str, Array]) -> Callable[[A
 # ---------------------------------------------------------------------------------------------
 
 def learning_rate(cfg) -> optax.Schedule:
-    """constant_with_warmup as the official trainer: lr · min(1, step / warmup)."""
-    lr, warmup = cfg.learning_rate, max(1, cfg.warmup_steps)
+    """constant_with_warmup as the official trainer: lr · min(1, step / warmup); warmup 0: constant
+    (the DPO scripts' "constant")."""
+    lr, warmup = cfg.learning_rate, cfg.warmup_steps
+    if warmup <= 0:
+        return lambda step: jnp.full((), lr, jnp.float32)
     return lambda step: lr * jnp.minimum(1.0, step / warmup)
 
 
@@ -236,17 +286,42 @@ def init_state(trainable: Any, tx: optax.GradientTransformation) -> TrainState:
 
 
 def cogvideox_objective(model, alphas_cumprod: np.ndarray, *, scaling_factor: float, caption_dropout: float,
-                        dtype) -> Callable:
+                        dtype, ref_noise: bool = False) -> Callable:
     """objective(params, batch, rng, empty_text) -> loss: CogVideoX-VAP on a precomputed batch
-    (fresh posterior draws, official t draw, v-prediction loss on the target only)."""
+    (fresh posterior draws, official t draw, v-prediction loss on the target only); `ref_noise`: the
+    references noised to their own timestep (`noisy_reference`)."""
     alphas = np.asarray(alphas_cumprod, np.float64)
 
     def objective(params, batch, rng, empty_text):
         k_in, k_t, k_noise = jax.random.split(rng, 3)
         x = cogvideox_inputs(batch, k_in, scaling_factor, empty_text, caption_dropout, dtype)
+        if ref_noise:  # its own key: the default path's draws stay as they are
+            x = noisy_reference(x, jax.random.fold_in(rng, 1), alphas)
         t = cogvideox_timesteps(k_t, x["x0"].shape[0], len(alphas))
         noise = jax.random.normal(k_noise, x["x0"].shape).astype(dtype)
         return cogvideox_loss(cogvideox_predictor(model, params, x), x["x0"], noise, t, alphas)
+
+    return objective
+
+
+def cogvideox_dpo_objective(model, alphas_cumprod: np.ndarray, *, scaling_factor: float, caption_dropout: float,
+                            dtype, beta: float = 500.0) -> Callable:
+    """objective({'policy': params, 'reference': params}, batch, rng, empty_text) -> (loss, metrics): DPO on
+    a batch of (win, lose) pairs (`cogvideox_dpo_inputs`): one t per pair, independent noise for win and
+    lose, the §7.3 per-sample losses of the policy and of the frozen reference on the same x_t, then
+    `dpo_loss` (official β 500). Metrics: the mean implicit reward margin and the policy's win/lose losses."""
+    alphas = np.asarray(alphas_cumprod, np.float64)
+
+    def objective(params, batch, rng, empty_text):
+        k_in, k_t, k_noise = jax.random.split(rng, 3)
+        x = cogvideox_dpo_inputs(batch, k_in, scaling_factor, empty_text, caption_dropout, dtype)
+        t = jnp.repeat(cogvideox_timesteps(k_t, x["x0"].shape[0] // 2, len(alphas)), 2)
+        noise = jax.random.normal(k_noise, x["x0"].shape).astype(dtype)
+        losses = {name: cogvideox_sample_losses(cogvideox_predictor(model, p, x), x["x0"], noise, t, alphas)
+                  for name, p in params.items()}
+        loss, margin = dpo_loss(losses["policy"], losses["reference"], batch["pair_weight"], beta)
+        pol = losses["policy"].reshape(-1, 2)
+        return loss, {"reward_margin": margin, "loss_win": jnp.mean(pol[:, 0]), "loss_lose": jnp.mean(pol[:, 1])}
 
     return objective
 
@@ -267,24 +342,39 @@ def wan_objective(model, *, caption_dropout: float, dtype, num_train_timesteps: 
     return objective
 
 
-def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: optax.Schedule) -> Callable:
+def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: optax.Schedule,
+                    combine: Callable[[Any, Any], Any] = vtree.merge) -> Callable:
     """train_step(state, frozen, batch, rng, empty_text) -> (state, metrics) for any
-    objective(params, batch, rng, empty_text) -> loss (`cogvideox_objective`, `wan_objective`). Gradients
-    flow only into `state.params`; `frozen` is a plain input. Randomness is folded from (rng, step), so a
-    resumed run draws what an uninterrupted one would."""
+    objective(params, batch, rng, empty_text) -> loss or (loss, {name: scalar}) (`cogvideox_objective`,
+    `wan_objective`, `dpo_objective`). The objective's params are `combine(trainable, frozen)`: the union of
+    the two trees (default), or e.g. LoRA factors merged into the frozen weights (`lora_combine`).
+    Gradients flow only into `state.params`; `frozen` is a plain input. Randomness is folded from
+    (rng, step), so a resumed run draws what an uninterrupted one would."""
 
     def loss_fn(trainable, frozen, batch, rng, empty_text):
-        return objective(vtree.merge(trainable, frozen), batch, rng, empty_text)
+        out = objective(combine(trainable, frozen), batch, rng, empty_text)
+        return out if isinstance(out, tuple) else (out, {})
 
     def train_step(state: TrainState, frozen, batch, rng, empty_text):
         rng = jax.random.fold_in(rng, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng, empty_text)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng, empty_text)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state.step), **aux}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
+
+
+def lora_combine(alpha: float) -> Callable[[Any, Any], Any]:
+    """combine(factors, frozen) for LoRA training: every frozen weight, the factored kernels merged."""
+    return lambda factors, frozen: lora.apply(frozen, factors, alpha)
+
+
+def dpo_combine(alpha: float) -> Callable[[Any, Any], dict]:
+    """combine(factors, frozen) for DPO: the policy (LoRA merged) and the reference (LoRA off) — the same
+    frozen weights, no second copy."""
+    return lambda factors, frozen: {"policy": lora.apply(frozen, factors, alpha), "reference": frozen}
 
 
 # ---------------------------------------------------------------------------------------------

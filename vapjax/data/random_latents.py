@@ -107,3 +107,26 @@ class RandomWanLatents(_PairedExamples):
                        "image_embeds": rng.standard_normal((size, image_len, image_dim), np.float32),
                        "text": rng.standard_normal((size, text_len, text_dim), np.float32)}
         self.empty_text = rng.standard_normal((text_len, text_dim), np.float32)
+
+
+class RandomDPOPairs(RandomLatents):
+    """CogVideoX DPO batches (spec §7.8) over RandomLatents' clips: `size` fixed (win, lose, reference)
+    triples of distinct clips with a pair weight; a batch holds `batch_size` pairs. Target fields get a
+    pair axis (`latent_dist` [P, 2, …] = (win, lose)), reference fields a reference axis of 1
+    (`ref_latent_dist` [P, 1, …]), plus `pair_weight` [P], `index` [P, 2], `ref_index` [P, 1]."""
+
+    def __init__(self, **kwargs):
+        super().__init__(num_refs=1, **kwargs)
+        rng = np.random.default_rng((self.seed, 2))
+        triples = np.stack([rng.permutation(self.size)[:3] for _ in range(self.size)])
+        self.win_lose, self.ref = triples[:, :2], triples[:, 2:]
+        self.weight = rng.uniform(0.5, 1.5, self.size).astype(np.float32)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        pairs = self._indices(self.step)
+        local = self.batch_size // self.process_count
+        pairs = pairs[self.process_index * local:(self.process_index + 1) * local]
+        self.step += 1
+        wl, ref = self.win_lose[pairs], self.ref[pairs]
+        return {**{k: v[wl] for k, v in self.fields.items()}, **{f"ref_{k}": v[ref] for k, v in self.fields.items()},
+                "pair_weight": self.weight[pairs], "index": wl, "ref_index": ref}

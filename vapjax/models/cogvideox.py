@@ -10,6 +10,9 @@ concatenated — token order [target text, target video, reference text, referen
 jointly. In a layer without an expert the reference stream passes through unchanged. The reference
 video gets a 3D RoPE shifted back in time (positions −N·T … −1, spatial positions unchanged).
 
+The paper's ablations are config switches (`structure`, `ref_rope`, `expert_layers` presets, and the
+reference's own timestep `ref_t`), each one small code path: see `STRUCTURES` and `REF_ROPES`.
+
 Layout: latents are channels-last, [B, F, H, W, C] (the official code uses [B, F, C, H, W]).
 Spec: ../shared/spec/vap.md §1–3 (pointers COG:…, EMB:… refer to the official repository).
 """
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vapjax import attention as attention_paths
+from vapjax import offload
 from vapjax.attention import IMPLEMENTATIONS
 from vapjax.numerics import torch_linspace
 from vapjax.sharding import constrain
@@ -40,10 +44,58 @@ HEADS = ("activation_batch", "activation_length", "activation_heads", "activatio
 _UNSUPPORTED = {
     "patch_size_t": None, "ofs_embed_dim": None, "attention_head_dim_mot_ref": None,
     "supported_effect_types": None, "num_ref_embeddings": None, "reference_train_mode": None,
-    "ablation_single_encoder": False, "ablation_residual_addition": False,
     "activation_fn": "gelu-approximate", "timestep_activation_fn": "silu",
     "norm_elementwise_affine": True, "attention_bias": True, "patch_bias": True, "dropout": 0.0,
 }
+
+# How the reference enters the model (paper Tab. 2; official flags in config.json, spec §2.3):
+#   mot                        the VAP expert: one joint attention over both streams (the shipped model)
+#   unidirectional_cross_attn  A3, official `ablation_single_encoder` (COG:205-291): the expert runs on the
+#                              reference alone, then the frozen block attends over target ⊕ reference and
+#                              keeps the target's rows; the reference never sees the target
+#   residual_addition          A4, official `ablation_residual_addition` (COG:293-373): the expert runs on
+#                              the reference alone, the frozen block as usual, then the expert's hidden
+#                              states are added to the target's (text to text, video to video)
+#   single_branch              A1, no expert: the reference's caption and video tokens join the backbone's
+#                              own sequence, the whole backbone is finetuned
+#   single_branch_lora         A1 with the backbone frozen and LoRA (`lora_rank`) on its attention q, k, v, out
+STRUCTURES = ("mot", "unidirectional_cross_attn", "residual_addition", "single_branch", "single_branch_lora")
+SINGLE_BRANCH = ("single_branch", "single_branch_lora")
+# The reference's RoPE positions (paper Tab. 7):
+#   shifted     t = −N·T … −1 (the shipped model, official `continous_negative`), h and w as the target's
+#   identical   the target's positions, repeated for each reference (t = 0 … T−1)
+#   shifted_tw  shifted in time as `shifted`, and in width by one target width (w − W): the reference sits
+#               to the left of the target as well as before it. The official code has no such mode (spec §3
+#               lists only `continous_negative` and `discrete_long_reference`); this is our reading of
+#               "shift in T and W": the same adjacent, non-overlapping shift on the second axis.
+REF_ROPES = ("shifted", "identical", "shifted_tw")
+# The LoRA's projections in a backbone block (PEFT target_modules `to_q|to_k|to_v|to_out.0`, official
+# 1-single_branch_lora.sh) and its scale α/r = 1 (the script's rank 64, α 64).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
+EXPERT_LAYER_PRESETS = ("all", "odd", "first_half", "first_last", "odd_first_half")
+
+
+def expert_layer_preset(spec: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Expert layers by preset name, or an explicit sequence (returned sorted).
+
+    The presets reproduce the official lists for CogVideoX-5B's 42 layers (examples/training/sft/
+    cogvideox/vap_mot/config_ori.json and ablation/config_ori_*.json), where the last layer never has an
+    expert; with L = num_layers − 1 (41 there):
+      all             0 … L−1                     (0–40, config_ori)
+      odd             0, 2, … below L             (0, 2, …, 40, "distributed_all": odd counted from 1)
+      first_half      0 … L//2 − 1                (0–19, "first_half")
+      first_last      0 and L−1                   ((0, 40), "first_last")
+      odd_first_half  0, 2, …, L//2               (0, 2, …, 20, "distributed_first_half")"""
+    if not isinstance(spec, str):
+        return tuple(sorted(int(i) for i in spec))
+    last = num_layers - 1
+    presets = {"all": range(last), "odd": range(0, last, 2), "first_half": range(last // 2),
+               "first_last": sorted({0, last - 1}) if last > 0 else (),
+               "odd_first_half": range(0, last // 2 + 1, 2) if last > 0 else ()}
+    if spec not in presets:
+        raise ValueError(f"expert_layers preset {spec!r}: expected one of {', '.join(EXPERT_LAYER_PRESETS)} "
+                         f"or a list of layer indices")
+    return tuple(presets[spec])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +121,25 @@ class CogVideoXConfig:
     use_learned_pos: bool = True
     spatial_interpolation_scale: float = 1.875
     temporal_interpolation_scale: float = 1.0
-    expert_layers: tuple[int, ...] = tuple(range(41))
+    expert_layers: tuple[int, ...] = tuple(range(41))  # or a preset name (expert_layer_preset)
+    # Ablation switches (see STRUCTURES, REF_ROPES).
+    structure: str = "mot"
+    ref_rope: str = "shifted"
+    lora_rank: int = 0               # single_branch_lora only
     # Run options (not architecture).
     dtype: str = "float32"           # compute dtype; norms statistics, RoPE and timestep features stay fp32
     param_dtype: str = "float32"
     attention: str | None = None     # vapjax.attention implementation: None (auto) | "xla" | "cudnn" | "blockwise"
     remat: str = "none"              # per-layer rematerialisation: "none" | "full" | "dots"
+    stream_layers: bool = False      # layers arrive from host memory (offload="layers", vapjax.offload)
 
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def has_expert(self) -> bool:
+        return self.structure not in SINGLE_BRANCH
 
     @property
     def latent_frames(self) -> int:
@@ -93,6 +154,13 @@ class CogVideoXConfig:
         for key, ok in _UNSUPPORTED.items():
             if d.get(key, ok) != ok:
                 raise ValueError(f"CogVideoX config field {key}={d[key]!r} is not supported (only {ok!r})")
+        flags = {k: d.get(k, False) for k in ("ablation_single_encoder", "ablation_residual_addition")}
+        if any(v not in (True, False) for v in flags.values()) or all(flags.values()):
+            raise ValueError(f"CogVideoX ablation flags {flags}: expected at most one of them true "
+                             f"(the official model defines no other combination)")
+        structure = ("unidirectional_cross_attn" if flags["ablation_single_encoder"] else
+                     "residual_addition" if flags["ablation_residual_addition"] else "mot")
+        options = {"structure": structure, **options}
         return cls(
             num_heads=d["num_attention_heads"], head_dim=d["attention_head_dim"],
             in_channels=d["in_channels"], out_channels=d.get("out_channels") or d["in_channels"],
@@ -115,13 +183,11 @@ class CogVideoXConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CogVideoXConfig":
-        d = dict(d)
-        d["expert_layers"] = tuple(d["expert_layers"])
-        return cls(**d)
+        return cls(**d)  # expert_layers: any sequence or a preset name (__post_init__)
 
     def __post_init__(self):
         # Expert slots are filled in layer order (the scan runs and the converter assume ascending).
-        object.__setattr__(self, "expert_layers", tuple(sorted(int(i) for i in self.expert_layers)))
+        object.__setattr__(self, "expert_layers", expert_layer_preset(self.expert_layers, self.num_layers))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
         bad = [i for i in self.expert_layers if not 0 <= i < self.num_layers]
@@ -133,6 +199,15 @@ class CogVideoXConfig:
             raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
         if self.attention not in (None, *IMPLEMENTATIONS):
             raise ValueError(f"attention={self.attention!r}: expected None, {', '.join(map(repr, IMPLEMENTATIONS))}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure={self.structure!r}: expected one of {', '.join(STRUCTURES)}")
+        if self.ref_rope not in REF_ROPES:
+            raise ValueError(f"ref_rope={self.ref_rope!r}: expected one of {', '.join(REF_ROPES)}")
+        if not self.has_expert and self.expert_layers:
+            raise ValueError(f"structure={self.structure!r} has no expert: set expert_layers=()")
+        if (self.structure == "single_branch_lora") != (self.lora_rank > 0):
+            raise ValueError(f"lora_rank={self.lora_rank} with structure={self.structure!r}: "
+                             f"single_branch_lora needs lora_rank > 0, the other structures 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,17 +239,22 @@ def rope_positions(cfg: CogVideoXConfig, frames: int, grid_h: int, grid_w: int,
                    num_refs: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(t, h, w) positions of the video tokens of one stream (EMB:816-881).
 
-    Target: t = 0 … T−1. References (`num_refs` = N > 0, concatenated on the frame axis): the
-    'continuous negative' shift, t = −N·T … −1, so the last reference sits just before the target.
-    Spatial positions are the same for both streams."""
+    Target: t = 0 … T−1. References (`num_refs` = N > 0, concatenated on the frame axis), by
+    `cfg.ref_rope`: 'shifted' (the 'continuous negative' shift, t = −N·T … −1, so the last reference
+    sits just before the target; spatial positions as the target's), 'identical' (the target's
+    positions for each reference) or 'shifted_tw' (as 'shifted', and w moved one target width left)."""
     base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
     (top, left), (bottom, right) = crop_region(grid_h, grid_w, base_h, base_w)
     h = torch_linspace(top, bottom * (grid_h - 1) / grid_h, grid_h)
     w = torch_linspace(left, right * (grid_w - 1) / grid_w, grid_w)
-    if num_refs:
-        t = torch_linspace(-num_refs * frames, -1, num_refs * frames)
-    else:
-        t = torch_linspace(0, frames * (frames - 1) / frames, frames)
+    t = torch_linspace(0, frames * (frames - 1) / frames, frames)
+    if not num_refs:
+        return t, h, w
+    if cfg.ref_rope == "identical":
+        return np.tile(t, num_refs), h, w
+    t = torch_linspace(-num_refs * frames, -1, num_refs * frames)
+    if cfg.ref_rope == "shifted_tw":  # the target's width on the base grid is right − left
+        w = w - np.float32(right - left)
     return t, h, w
 
 
@@ -452,7 +532,7 @@ _REMAT_POLICIES = {
 
 
 class CogVideoXTransformer(nn.Module):
-    """Backbone + expert. `__call__(latents, text, t, ref_latents, ref_text)` returns the backbone's
+    """Backbone + expert. `__call__(latents, text, t, ref_latents, ref_text, ref_t)` returns the backbone's
     prediction for the target (v-prediction for CogVideoX), [B, F, H, W, out_channels].
 
     latents     [B, F, H, W, in_channels]   noisy target latents ⊕ image-condition latents
@@ -461,6 +541,8 @@ class CogVideoXTransformer(nn.Module):
     ref_latents [B, N·F, H, W, in_channels] clean reference latents ⊕ reference first-frame latents,
                                             N references concatenated on frames (None: plain CogVideoX)
     ref_text    [B, N·S, text_embed_dim]    reference captions, concatenated in the same order
+    ref_t       [B] or None                 the reference's own timestep for the expert's adaLN (a noisy
+                                            reference, Diffusion-Forcing style); None: the target's `t`
     """
     cfg: CogVideoXConfig
 
@@ -469,9 +551,23 @@ class CogVideoXTransformer(nn.Module):
         self.backbone = Stream(c, c.num_layers, with_head=True, name="backbone")
         if c.expert_layers:
             self.expert = Stream(c, len(c.expert_layers), with_head=False, name="expert")
+        if c.structure == "single_branch_lora":
+            self.lora = self.param("lora", self._init_lora)
+
+    def _init_lora(self, rng):
+        """{'blocks': {target: {lora_a [L, D, r] ~ N(0, 1/D), lora_b [L, r, D] = 0}}} (stacked per layer
+        like the streams' blocks): zero B, so the output at initialisation is the backbone's."""
+        c = self.cfg
+        dt = jnp.dtype(c.param_dtype)
+        keys = jax.random.split(rng, len(LORA_TARGETS))
+        return {"blocks": {
+            name: {"lora_a": (jax.random.normal(k, (c.num_layers, c.dim, c.lora_rank)) / math.sqrt(c.dim)).astype(dt),
+                   "lora_b": jnp.zeros((c.num_layers, c.lora_rank, c.dim), dt)}
+            for name, k in zip(LORA_TARGETS, keys)}}
 
     def __call__(self, latents: Array, text: Array, t: Array,
-                 ref_latents: Array | None = None, ref_text: Array | None = None) -> Array:
+                 ref_latents: Array | None = None, ref_text: Array | None = None,
+                 ref_t: Array | None = None) -> Array:
         c = self.cfg
         b, f, hh, ww, _ = latents.shape
         p = c.patch_size
@@ -481,13 +577,37 @@ class CogVideoXTransformer(nn.Module):
         rope = rope_tables(*rope_positions(c, f, gh, gw), c.head_dim) if c.use_rotary else None
 
         use_ref = ref_latents is not None
+        if use_ref and ref_text is None:
+            raise ValueError("reference latents need reference caption embeddings (ref_text)")
+        if use_ref and c.has_expert and not c.expert_layers:
+            raise ValueError("this checkpoint has no expert: it cannot take a reference video")
+        if ref_t is not None and not (use_ref and c.has_expert):
+            raise ValueError(f"ref_t drives the expert's adaLN: it needs a reference and an expert "
+                             f"(structure={c.structure!r})")
+        n_ref_video = 0  # single branch: reference video tokens at the front of the backbone's sequence
+        if use_ref and not c.has_expert:
+            # Single branch: [ref_text; tgt_text] and [ref_video; tgt_video] form the backbone's one
+            # sequence; attention sees it as [ref_text, tgt_text, ref_video, tgt_video] — the same joint
+            # attention as [ref_text, ref_video, tgt_text, tgt_video], as it has no mask.
+            ref_video, ref_tok, rope_ref, _ = self._embed_refs(self.backbone, ref_latents, ref_text, f)
+            n_ref_video = ref_video.shape[1]
+            video, text_tok = jnp.concatenate([ref_video, video], 1), jnp.concatenate([ref_tok, text_tok], 1)
+            if rope is not None:
+                rope = tuple(jnp.concatenate(ab, 0) for ab in zip(rope_ref, rope))
+            use_ref = False
+        emb_ref = rope_ref = rope_alone = None
         if use_ref:
-            if not c.expert_layers:
-                raise ValueError("this checkpoint has no expert: it cannot take a reference video")
-            if ref_text is None:
-                raise ValueError("reference latents need reference caption embeddings (ref_text)")
-            ref_video, ref_tok, emb_ref, rope_ref = self._embed_refs(ref_latents, ref_text, t, f)
+            ref_video, ref_tok, rope_ref, n = self._embed_refs(self.expert, ref_latents, ref_text, f)
+            # The expert's adaLN is driven by the target timestep (COG:944-949), shared by all refs,
+            # or by the reference's own (a noisy reference).
+            emb_ref = self.expert.time_embedding(t if ref_t is None else jnp.broadcast_to(jnp.asarray(ref_t), (b,)))
+            if rope is not None:  # A3/A4: the expert alone sees the target's positions (COG:218-223), per reference
+                rope_alone = tuple(jnp.tile(a, (n, 1)) for a in rope)
+            if c.structure == "residual_addition" and ref_video.shape != video.shape:
+                raise ValueError(f"structure='residual_addition' adds the reference to the target: it needs "
+                                 f"one reference of the target's size, got {n}")
         runs = layer_runs(c.num_layers, c.expert_layers if use_ref else ())
+        lora = self.lora["blocks"] if c.structure == "single_branch_lora" else None
 
         state = (video, text_tok) + ((ref_video, ref_tok) if use_ref else ())
         expert_offset = 0
@@ -496,15 +616,18 @@ class CogVideoXTransformer(nn.Module):
             if joint:
                 ex = jax.tree.map(lambda a: a[expert_offset:expert_offset + stop - start], self.expert.blocks)
                 expert_offset += stop - start
-                body = lambda s, pp: (_joint_layer(c, pp[0], pp[1], s, emb, emb_ref, rope, rope_ref), None)
+                body = lambda s, pp: (_expert_layer(c, pp[0], pp[1], s, emb, emb_ref, rope, rope_ref, rope_alone),
+                                      None)
                 state, _ = jax.lax.scan(self._remat(body), state, (bb, ex))
             else:
-                def body(s, pb):  # the reference stream, if any, passes through unchanged
+                def body(s, pl):  # the reference stream, if any, passes through unchanged
                     s = tuple(constrain(x, TOKENS) for x in s)
+                    pb = pl if lora is None else with_lora(*pl)
                     return Block(c, parent=None).apply({"params": pb}, s[0], s[1], emb, rope) + s[2:], None
-                state, _ = jax.lax.scan(self._remat(body), state, bb)
+                xs = bb if lora is None else (bb, jax.tree.map(lambda a: a[start:stop], lora))
+                state, _ = jax.lax.scan(self._remat(body), state, xs)
 
-        out = self.backbone.head(state[0], emb)                                  # [B, F·h·w, p·p·C]
+        out = self.backbone.head(state[0][:, n_ref_video:], emb)                # [B, F·h·w, p·p·C]
         out = out.reshape(b, f, gh, gw, c.out_channels, p, p).transpose(0, 1, 2, 5, 3, 6, 4)
         return out.reshape(b, f, hh, ww, c.out_channels)
 
@@ -515,32 +638,73 @@ class CogVideoXTransformer(nn.Module):
             self.expert(latents, text, t)
         return out
 
-    def _embed_refs(self, ref_latents, ref_text, t, frames):
-        """Each reference is patch-embedded on its own (same learned table, unshifted) and the
-        results concatenated: text [txt₁ … txt_N], video [vid₁ … vid_N] (COG:977-1006)."""
+    def _embed_refs(self, stream, ref_latents, ref_text, frames):
+        """(video, text, RoPE tables, N): each reference is patch-embedded by `stream` on its own (same
+        learned table, unshifted) and the results concatenated: text [txt₁ … txt_N], video [vid₁ … vid_N]
+        (COG:977-1006). N may be 0 (an empty reference)."""
         c = self.cfg
         b, nf, hh, ww, ch = ref_latents.shape
         if nf % frames:
             raise ValueError(f"reference has {nf} latent frames, not a multiple of the target's {frames}")
         n = nf // frames
-        s = ref_text.shape[1] // n
+        s = ref_text.shape[1] // n if n else 0
         if ref_text.shape[1] != n * s:
             raise ValueError(f"reference text length {ref_text.shape[1]} does not split into {n} captions")
-        (video, text_tok), emb_ref = self.expert.embed(
-            ref_latents.reshape(b * n, frames, hh, ww, ch), ref_text.reshape(b * n, s, -1),
-            jnp.repeat(t, n))
-        # The expert's adaLN is driven by the *target* timestep (COG:944-949), shared by all refs.
-        emb_ref = emb_ref.reshape(b, n, -1)[:, 0]
+        video, text_tok = stream.patch_embed(ref_latents.reshape(b * n, frames, hh, ww, ch),
+                                             ref_text.reshape(b * n, s, ref_text.shape[-1]))
         video = video.reshape(b, -1, c.dim)
         text_tok = text_tok.reshape(b, -1, c.dim)
         gh, gw = hh // c.patch_size, ww // c.patch_size
-        rope_ref = rope_tables(*rope_positions(c, frames, gh, gw, num_refs=n), c.head_dim) if c.use_rotary else None
-        return video, text_tok, emb_ref, rope_ref
+        rope_ref = None
+        if c.use_rotary:
+            rope_ref = (rope_tables(*rope_positions(c, frames, gh, gw, num_refs=n), c.head_dim) if n else
+                        (jnp.zeros((0, c.head_dim), jnp.float32),) * 2)
+        return video, text_tok, rope_ref, n
 
     def _remat(self, body):
+        """A scanned layer body as the run options ask: its layer streamed in from host memory, and
+        rematerialised."""
+        if self.cfg.stream_layers:
+            body = offload.streamed(body)
         if self.cfg.remat == "none":
             return body
         return jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
+
+
+def with_lora(block_params, lora_params):
+    """One backbone layer's parameters with its LoRA merged into the attention projections,
+    W + A·B (scale α/r = 1), in float32 (a bf16 run rounds the merged kernel at the matmul, as it
+    rounds W)."""
+    attn = dict(block_params["attn"])
+    for name, ab in lora_params.items():
+        kernel = attn[name]["kernel"]
+        delta = ab["lora_a"].astype(jnp.float32) @ ab["lora_b"].astype(jnp.float32)
+        attn[name] = {**attn[name], "kernel": kernel.astype(jnp.float32) + delta}
+    return {**block_params, "attn": attn}
+
+
+def _expert_layer(cfg: CogVideoXConfig, p_backbone, p_expert, state, emb, emb_ref, rope, rope_ref, rope_alone):
+    """A layer with an expert, by `cfg.structure`. mot: `_joint_layer`. The two ablations first run the
+    expert block on the reference alone, with the target's (unshifted) positions `rope_alone` and the
+    expert's own adaLN (COG:205-240, 293-328); then
+      unidirectional_cross_attn: the frozen block's attention takes its keys and values over
+        target ⊕ reference — the reference projected by the frozen block itself (its norm1 with the
+        target's emb, q/k/v, RoPE `rope_ref`) — and only the target's rows are kept (COG:243-290);
+      residual_addition: the frozen block runs as usual and the expert's output is added to the
+        target's, text to text and video to video (COG:331-372)."""
+    if cfg.structure == "mot":
+        return _joint_layer(cfg, p_backbone, p_expert, state, emb, emb_ref, rope, rope_ref)
+    video, text, ref_video, ref_text = (constrain(s, TOKENS) for s in state)
+    block = Block(cfg, parent=None)  # applied functionally to sliced stacked params
+    ref_video, ref_text = block.apply({"params": p_expert}, ref_video, ref_text, emb_ref, rope_alone)
+    if cfg.structure == "residual_addition":
+        video, text = block.apply({"params": p_backbone}, video, text, emb, rope)
+        return video + ref_video, text + ref_text, ref_video, ref_text
+    (q, k, v), gates = block.apply({"params": p_backbone}, video, text, emb, rope, method=Block.qkv)
+    (_, kr, vr), _ = block.apply({"params": p_backbone}, ref_video, ref_text, emb, rope_ref, method=Block.qkv)
+    o = attention(q, jnp.concatenate([k, kr], 1), jnp.concatenate([v, vr], 1), cfg.attention)
+    video, text = block.apply({"params": p_backbone}, video, text, o, gates, emb, method=Block.finish)
+    return video, text, ref_video, ref_text
 
 
 def _joint_layer(cfg: CogVideoXConfig, p_backbone, p_expert, state, emb, emb_ref, rope, rope_ref):
@@ -561,6 +725,13 @@ def _joint_layer(cfg: CogVideoXConfig, p_backbone, p_expert, state, emb, emb_ref
     return video, text, ref_video, ref_text
 
 
+def structure_unfreeze(cfg: CogVideoXConfig) -> str:
+    """Regex (vapjax.training.is_trainable) of what `cfg.structure` trains beyond the expert and LoRA
+    partitions: the single-branch full finetune trains the whole backbone except its position-table
+    buffer (official 1-single_branch_full.sh); every other structure nothing more."""
+    return r"^backbone/(?!patch_embed/pos_embedding$)" if cfg.structure == "single_branch" else ""
+
+
 def dummy_inputs(cfg: CogVideoXConfig, batch: int = 1, frames: int | None = None, num_refs: int = 1,
                  dtype=jnp.float32):
     """Shape-correct zeros at the config's sample size (what the learned table requires)."""
@@ -568,7 +739,7 @@ def dummy_inputs(cfg: CogVideoXConfig, batch: int = 1, frames: int | None = None
     lat = jnp.zeros((batch, f, cfg.sample_height, cfg.sample_width, cfg.in_channels), dtype)
     txt = jnp.zeros((batch, cfg.max_text_seq_length, cfg.text_embed_dim), dtype)
     t = jnp.zeros((batch,), jnp.float32)
-    if not (cfg.expert_layers and num_refs):
+    if not num_refs or (cfg.has_expert and not cfg.expert_layers):
         return lat, txt, t
     return (lat, txt, t, jnp.concatenate([lat] * num_refs, 1), jnp.concatenate([txt] * num_refs, 1))
 

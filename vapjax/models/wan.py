@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vapjax import offload
 from vapjax.models.cogvideox import TOKENS, attention, layer_runs, timestep_features
 from vapjax.sharding import constrain
 
@@ -77,6 +78,7 @@ class WanConfig:
     param_dtype: str = "float32"     # storage dtype, except the islands, which stay float32
     attention: str | None = None     # jax.nn.dot_product_attention implementation: None | "xla" | "cudnn"
     remat: str = "none"              # per-layer rematerialisation: "none" | "full" | "dots"
+    stream_layers: bool = False      # layers arrive from host memory (offload="layers", vapjax.offload)
 
     @property
     def dim(self) -> int:
@@ -590,6 +592,10 @@ class WanTransformer(nn.Module):
         return video, (temb_proj, rope, context)
 
     def _remat(self, body):
+        """A scanned layer body as the run options ask: its layer streamed in from host memory, and
+        rematerialised."""
+        if self.cfg.stream_layers:
+            body = offload.streamed(body)
         if self.cfg.remat == "none":
             return body
         return jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])

@@ -33,7 +33,7 @@ from vapjax import checkpoint, conditioning, sampling, video
 from vapjax.encoders import Encoders
 from vapjax.models import cogvideox, cogvideox_vae, t5
 from vapjax.memory import Stage
-from vapjax.pipelines.common import Component, Output, Placement, Recorder, check_offload, require_pipeline_folder
+from vapjax.pipelines.common import Component, Output, Placement, Recorder, placement_for, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
@@ -75,9 +75,10 @@ class CogVideoXVAP:
     def __init__(self, transformer: Component, encoders: Encoders, schedule: sampling.DDIMSchedule,
                  placement: Placement | None = None):
         self.placement = placement or Placement()
-        self.transformer = Component(transformer.config, self.placement.params(transformer.params))
+        config = transformer.config.with_options(stream_layers=self.placement.stream)
+        self.transformer = Component(config, self.placement.params(transformer.params))
         self.encoders, self.schedule = encoders, schedule
-        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=STATIC)
+        self._denoise = jax.jit(partial(_denoise, config), static_argnames=STATIC)
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -89,7 +90,7 @@ class CogVideoXVAP:
         models (default: as stored); `attention` picks the dot_product_attention implementation;
         `offload` (`vapjax.memory.OFFLOAD_MODES`) which weights live on the host between uses."""
         require_pipeline_folder(path)
-        check_offload(offload)
+        placement = placement_for(offload, placement)
         tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "cogvideox_transformer", dtype=dtype,
                                         attention=attention)
         encoders = Encoders.load(path, dtype=dtype, tiling=tiling, devices=jax.local_devices()[:1],
@@ -105,7 +106,7 @@ class CogVideoXVAP:
                placement: Placement | None = None) -> "CogVideoXVAP":
         """Random weights (a demo that needs no download; outputs are noise-like, not meaningful).
         `abstract`: every weight a ShapeDtypeStruct instead (nothing allocated), for `stages`."""
-        check_offload(offload)
+        placement = placement_for(offload, placement)
         key = jax.random.PRNGKey(0)
 
         def init(fn, cfg, i):

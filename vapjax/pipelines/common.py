@@ -8,9 +8,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vapjax import checkpoint, sharding
+from vapjax import checkpoint, offload, sharding
+from vapjax.memory import OFFLOAD_MODES
 
 # recorder(name, value): receives the run's intermediates (channels-last arrays), e.g. `dict.__setitem__`.
 Recorder = Callable[[str, Any], None]
@@ -39,17 +40,15 @@ def require_pipeline_folder(path: str) -> None:
         raise checkpoint.CheckpointError(f"{path}: not a converted vapjax pipeline ({hint})")
 
 
-# Offload modes a pipeline runs; `layers` (the transformer's layers streamed from host memory) is so far
-# only an estimate in the dry run's table (`vapjax.memory`).
-RUNNABLE_OFFLOAD = ("none", "encoders")
-
-
 def check_offload(mode: str) -> None:
-    if mode == "layers":
-        raise ValueError("offload='layers' is not implemented yet (the dry run estimates its memory): "
-                         "use 'encoders' or 'none'")
-    if mode not in RUNNABLE_OFFLOAD:
-        raise ValueError(f"offload={mode!r}: one of {', '.join(RUNNABLE_OFFLOAD)}")
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload={mode!r}: one of {', '.join(OFFLOAD_MODES)}")
+
+
+def placement_for(offload: str, placement: "Placement | None") -> "Placement":
+    """`placement` (default: one device) with the transformer's layers streamed iff offload="layers"."""
+    check_offload(offload)
+    return dataclasses.replace(placement or Placement(), stream=offload == "layers")
 
 
 # How the transformer's activations are split over the mesh's `tensor` axis: attention heads (and
@@ -81,6 +80,7 @@ class Placement:
     `split` (SPLITS). The encoders stay on the first device."""
     mesh: Mesh | None = None
     split: str = "heads"
+    stream: bool = False  # the layer stacks in host memory, streamed to the device (offload="layers")
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -95,9 +95,14 @@ class Placement:
         return self.mesh is not None and self.mesh.shape["data"] > 1
 
     def params(self, tree: Any) -> Any:
-        if self.mesh is None:
+        if self.mesh is None and not self.stream:
             return tree
-        shardings = sharding.param_shardings(tree, self.mesh, self.rules)
+        if self.mesh is not None:
+            shardings = sharding.param_shardings(tree, self.mesh, self.rules)
+        else:
+            shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), tree)
+        if self.stream:
+            shardings = offload.host_stacks(shardings)
         if _is_abstract(tree):  # a dry run: the shardings go with the shapes
             return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
         return jax.device_put(tree, shardings)

@@ -39,7 +39,7 @@ from vapjax.clip_preprocess import CLIPPreprocessConfig
 from vapjax.encoders import MAX_LENGTH_WAN, WanEncoders
 from vapjax.models import clip, t5, wan, wan_vae
 from vapjax.memory import Stage
-from vapjax.pipelines.common import Component, Output, Placement, Recorder, check_offload, require_pipeline_folder
+from vapjax.pipelines.common import Component, Output, Placement, Recorder, placement_for, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
@@ -78,9 +78,10 @@ class WanVAP:
     def __init__(self, transformer: Component, encoders: WanEncoders, schedule,
                  placement: Placement | None = None):
         self.placement = placement or Placement()
-        self.transformer = Component(transformer.config, self.placement.params(transformer.params))
+        config = transformer.config.with_options(stream_layers=self.placement.stream)
+        self.transformer = Component(config, self.placement.params(transformer.params))
         self.encoders, self.schedule = encoders, schedule
-        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=STATIC)
+        self._denoise = jax.jit(partial(_denoise, config), static_argnames=STATIC)
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class WanVAP:
         (at 480x832 only a fused one fits: "cudnn"). `offload` (`vapjax.memory.OFFLOAD_MODES`): which
         weights live on the host between uses."""
         require_pipeline_folder(path)
-        check_offload(offload)
+        placement = placement_for(offload, placement)
         # Encoders first: their host copies are made before the transformer takes the device.
         encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling, offload=offload != "none")
         # As stored, then cast to the dtypes the model declares: `checkpoint.load(dtype=)` would cast the
@@ -115,7 +116,7 @@ class WanVAP:
                abstract: bool = False, placement: Placement | None = None) -> "WanVAP":
         """Random weights (a demo that needs no download; outputs are noise-like, not meaningful).
         `abstract`: every weight a ShapeDtypeStruct instead (nothing allocated), for `stages`."""
-        check_offload(offload)
+        placement = placement_for(offload, placement)
         key = jax.random.PRNGKey(0)
 
         def init(fn, cfg, i):

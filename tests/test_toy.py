@@ -1,0 +1,131 @@
+"""VAP-Toy: the world, the oracle, the shipped trained default, sample.py's toy demo and evaluate.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from vapjax.toy import evaluate, world
+from vapjax.toy.oracle import Oracle
+from vapjax.video import read_video
+
+TOY = ROOT / "vapjax" / "assets" / "toy"
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+# ---------------------------------------------------------------------------------------------
+
+def test_world_is_deterministic():
+    a, b = world.pairs("train", 4, seed=3), world.pairs("train", 4, seed=3)
+    assert a == b
+    for p, q in zip(a, b):
+        np.testing.assert_array_equal(p.target_clip(), q.target_clip())
+        np.testing.assert_array_equal(p.reference_clip(), q.reference_clip())
+    assert world.pairs("train", 4, seed=4) != a
+
+
+def test_every_condition_starts_from_the_scene_and_changes_it():
+    scene = world.sample_scene(np.random.default_rng(1))
+    still = world.render(scene, None)
+    assert (still == still[:1]).all()  # no condition: a still clip
+    for name in world.CONDITIONS:
+        clip = world.render(scene, name, seed=2)
+        assert clip.shape == (world.FRAMES, world.HEIGHT, world.WIDTH, 3) and clip.dtype == np.uint8
+        np.testing.assert_array_equal(clip[0], still[0], err_msg=name)  # image-to-video: frame 0 is the image
+        change = np.abs(clip.astype(int) - still.astype(int)).max(axis=(1, 2, 3))
+        assert change[1:].max() > 60, name  # the condition visibly acts (bounce returns to its start)
+
+
+def test_conditions_cover_the_four_families_and_splits_are_disjoint():
+    fams = {c.family for c in world.CONDITIONS.values()}
+    assert fams == set(world.FAMILIES) and len(world.CONDITIONS) >= 16
+    assert set(world.SEEN).isdisjoint(world.UNSEEN)
+    assert {world.CONDITIONS[n].family for n in world.UNSEEN} == fams  # one zero-shot condition per family
+    train = {p.target.combo for p in world.pairs("train", 300, 0)} | {p.reference.combo for p in world.pairs("train", 300, 0)}
+    held = {p.target.combo for p in world.pairs("heldout_scenes", 100, 0)}
+    assert train.isdisjoint(held) and all(world.is_heldout_combo(*c) for c in held)
+    assert {p.condition for p in world.pairs("unseen_conditions", 8, 0)} == set(world.UNSEEN)
+
+
+def test_captions_name_the_effect_unless_stripped():
+    p = world.pairs("train", 1, 0, conditions=["zoom_in"])[0]
+    ref, tgt = p.captions()
+    assert ref.endswith("The camera zooms in.") and tgt.endswith("The camera zooms in.")
+    ref, stripped = p.captions(strip_effect=True)
+    assert ref.endswith("The camera zooms in.") and "zoom" not in stripped and stripped == world.describe(p.target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle and the shipped default
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def oracle():
+    return Oracle.load(str(TOY / "oracle.npz"))
+
+
+def test_oracle_reads_ground_truth(oracle):
+    """≥ 98 % on ground-truth clips of held-out scenes, over every condition (seen and unseen)."""
+    rng = np.random.default_rng(123)
+    names = list(world.CONDITIONS) * 6
+    clips = np.stack([world.render(world.sample_scene(rng, "heldout"), n, seed=i) for i, n in enumerate(names)])
+    accuracy = np.mean(np.array(oracle.read(clips)) == np.array(names))
+    assert accuracy >= 0.98, accuracy
+
+
+def test_shipped_default_is_small():
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(TOY) for f in fs)
+    assert size <= 20 * 2 ** 20, size
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
+    return CogVideoXVAP.load(str(TOY / "pipeline"))
+
+
+def test_shipped_default_transfers_semantics(pipeline, oracle):
+    """A fixed evaluation subset: one held-out-scene pair per seen condition. The reference carries the
+    semantics (alignment), the output follows a swapped reference (sensitivity), and the frozen backbone
+    alone, with the effect words stripped, does not. Thresholds: see the measured numbers in the README."""
+    r = evaluate.evaluate_split(pipeline, oracle, "heldout_scenes", len(world.SEEN), seed=0, log=lambda s: None)
+    m, style = r["overall"], r["families"]["style"]
+    chance = 1 / len(world.SEEN)
+    assert m["oracle_on_reference"] >= 0.95, m
+    # Measured on this subset: alignment 4/18 and sensitivity 4/18 overall (chance 1/18), the backbone
+    # alone 0/18; style 4/4. The issue's 0.8 targets are NOT met (README, VAP-Toy): motion, camera and
+    # concept do not transfer yet. The bars below fail for a model that ignores its reference.
+    assert m["alignment"] >= 3 * chance and m["sensitivity"] >= 2 * chance, m
+    assert m["backbone"] <= 2 * chance, m
+    assert style["alignment"] >= 0.75 and style["backbone"] <= 0.25, style
+    assert m["first_frame_psnr"] >= 18, m  # the output starts from the given image (VAE round trip ≈ 20 dB)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_writes_reference_beside_generated(tmp_path):
+    out = tmp_path / "toy.mp4"
+    run = subprocess.run([sys.executable, "sample.py", "--config", "configs/toy_vap.py", f"--config.output={out}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    frames, _ = read_video(out)
+    assert frames.shape == (world.FRAMES, world.HEIGHT, 2 * world.WIDTH, 3)
+    demo = json.loads((TOY / "demo.json").read_text())
+    want = demo["condition"].replace("_", " ")
+    assert f"oracle: reference: {want} — generated: {want}" in run.stdout, run.stdout
+
+
+def test_evaluate_writes_table_and_plot(tmp_path, pipeline, oracle):
+    summary = evaluate.run(str(TOY / "pipeline"), str(TOY / "oracle.npz"), str(tmp_path), splits=["unseen_conditions"],
+                           pairs=4, seeds=[0, 1], steps=2, log=lambda s: None)
+    table = (tmp_path / "results.md").read_text()
+    assert "| overall |" in table and "| style |" in table and "±" in table
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]["unseen_conditions"]
+    assert set(runs) == {"0", "1"} and set(summary["unseen_conditions"]["overall"]) >= {"alignment", "sensitivity", "psnr"}

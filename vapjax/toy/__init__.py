@@ -1,0 +1,7 @@
+"""VAP-Toy: a synthetic world where video-as-prompt transfer is measurable, and its trained default.
+
+  world     scenes, 22 semantic conditions (motion, camera, style, concept), pairs, captions, splits
+  oracle    a small classifier that reads a clip's condition (the measuring instrument)
+  evaluate  alignment, reference sensitivity and fidelity against ground truth (`python evaluate.py`)
+  build     trains the default from scratch with the project's models and trainer (`python -m vapjax.toy.build`)
+"""
