@@ -38,13 +38,13 @@ from convert.errors import ConversionError
 from convert.lora import module_names
 from vapjax import compile_cache, families, lora, memory, video
 from vapjax.checkpoint import CheckpointError
-from vapjax.pipelines.common import Placement, parse_mesh
+from vapjax.pipelines.common import Placement, parse_mesh, placement_for
 from vapjax.video import VideoError
 
 
 # Config fields sample.py itself reads; every other field is one of the family's Request fields.
 RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
-            "vae_tiling", "random_init", "model", "dry_run", "offload", "mesh", "split", "lora",
+            "vae_tiling", "random_init", "model", "dry_run", "offload", "mesh", "split", "quantize", "lora",
             "side_by_side", "oracle")
 
 
@@ -124,8 +124,9 @@ def make_request(c, name: str):
 
 
 def placement(c) -> Placement:
-    """Where the denoising loop runs: `mesh` ("" one device, or e.g. "data=2,tensor=4") and `split`."""
-    return Placement(parse_mesh(c.get("mesh", "")), c.get("split", "heads"))
+    """Where the denoising loop runs: `mesh` ("" one device, or e.g. "data=2,tensor=4") and `split`;
+    how its backbone is stored (`quantize`)."""
+    return Placement(parse_mesh(c.get("mesh", "")), c.get("split", "heads"), quantize=c.get("quantize", ""))
 
 
 def build_pipeline(c):
@@ -136,13 +137,17 @@ def build_pipeline(c):
             raise CheckpointError(f"{c.checkpoint}: a {found} checkpoint, but this config is for {name} "
                                   f"(use a {found} config, or --config.family={found})")
     pipeline = families.get(name).pipeline
-    opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling,
-                offload=c.get("offload", "encoders"), placement=placement(c))
+    offload, where = c.get("offload", "encoders"), placement(c)
+    opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling, offload=offload,
+                placement=where)
+    if c.get("lora"):  # the weights stay plain and resident until the LoRAs are merged
+        opts.update(offload="encoders" if offload == "layers" else offload, placement=None)
     pipe = pipeline.random_from_config(c.model, **opts) if c.random_init else pipeline.load(c.checkpoint, **opts)
-    if c.get("lora"):  # external LoRAs merged into the transformer once, in the order given
+    if c.get("lora"):  # external LoRAs merged into the transformer once, in the order given, then placed
         t = pipe.transformer
         names = module_names(families.get(name).transformer_kind, t.config)
         t.params = lora.load_into(t.params, lora.parse_spec(c.lora), names)
+        pipe = type(pipe)(t, pipe.encoders, pipe.schedule, placement_for(offload, where))
     return pipe
 
 

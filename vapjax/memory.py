@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from vapjax.tree import flatten
 
 OFFLOAD_MODES = ("none", "encoders", "layers")
 # XLA's CPU backend computes bf16 matmuls in float32; loop-invariant code motion then hoists the float32
@@ -83,8 +82,8 @@ def streamed_bytes(params: Any) -> int:
     """Bytes of a transformer's stacked layers (paths through `blocks`, leading axis = layer) that the
     `layers` mode keeps off the device: all but two layers (one in use, one prefetched) of each stack."""
     out = 0
-    for path, x in flatten(params).items():
-        if "blocks" in path:
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if "blocks" in {getattr(k, "key", None) for k in path}:
             layers = x.shape[0]
             out += nbytes(x) * max(layers - 2, 0) // layers
     return out

@@ -15,14 +15,10 @@ from typing import Any, Callable
 import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from vapjax.tree import flatten, unflatten
+from vapjax import quantize
 
 HOST = "pinned_host"
 STACKS = "blocks"  # the key of a per-layer stack in every transformer's parameter tree
-
-
-def is_stacked(path: tuple) -> bool:
-    return STACKS in path
 
 
 def on_host(sharding: Any) -> Any:
@@ -35,9 +31,11 @@ def on_host(sharding: Any) -> Any:
 
 
 def host_stacks(shardings: Any) -> Any:
-    """A tree of shardings with every per-layer stack's moved to host memory."""
-    flat = flatten(shardings)
-    return unflatten({p: on_host(s) if is_stacked(p) else s for p, s in flat.items()})
+    """A tree of shardings with every per-layer stack's (any path through `blocks`) moved to host memory."""
+    def move(path, s):
+        keys = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        return on_host(s) if STACKS in keys else s
+    return jax.tree_util.tree_map_with_path(move, shardings)
 
 
 def to_device(tree: Any) -> Any:
@@ -45,6 +43,9 @@ def to_device(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), tree)
 
 
-def streamed(body: Callable) -> Callable:
-    """A scanned layer body `body(state, layer_params)` that first brings its layer to the device."""
-    return lambda state, params: body(state, to_device(params))
+def layer_body(body: Callable, *, stream: bool, dtype) -> Callable:
+    """A scanned layer body `body(state, layer_params)` that first brings its layer to the device (if
+    `stream`) and dequantises its int8 kernels to `dtype` (vapjax.quantize; a no-op for plain weights)."""
+    def wrapped(state, params):
+        return body(state, quantize.dequantize(to_device(params) if stream else params, dtype))
+    return wrapped

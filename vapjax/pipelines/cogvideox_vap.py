@@ -75,7 +75,7 @@ class CogVideoXVAP:
     def __init__(self, transformer: Component, encoders: Encoders, schedule: sampling.DDIMSchedule,
                  placement: Placement | None = None):
         self.placement = placement or Placement()
-        config = transformer.config.with_options(stream_layers=self.placement.stream)
+        config = transformer.config.with_options(stream_layers=self.placement.stream, quantize=self.placement.quantize)
         self.transformer = Component(config, self.placement.params(transformer.params))
         self.encoders, self.schedule = encoders, schedule
         self._denoise = jax.jit(partial(_denoise, config), static_argnames=STATIC)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vapjax import checkpoint, offload, sharding
+from vapjax import checkpoint, offload, quantize, sharding
 from vapjax.memory import OFFLOAD_MODES
 
 # recorder(name, value): receives the run's intermediates (channels-last arrays), e.g. `dict.__setitem__`.
@@ -81,10 +81,13 @@ class Placement:
     mesh: Mesh | None = None
     split: str = "heads"
     stream: bool = False  # the layer stacks in host memory, streamed to the device (offload="layers")
+    quantize: str = ""    # "int8": the backbone's stacked kernels stored as int8 (vapjax.quantize)
 
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r}: one of {', '.join(SPLITS)}")
+        if self.quantize and self.mesh is not None:
+            raise ValueError(f"quantize={self.quantize!r} runs on one device; drop it or the mesh")
 
     @property
     def rules(self) -> dict:
@@ -95,6 +98,8 @@ class Placement:
         return self.mesh is not None and self.mesh.shape["data"] > 1
 
     def params(self, tree: Any) -> Any:
+        if not _is_abstract(tree):
+            tree = quantize.quantize_backbone(tree, self.quantize)
         if self.mesh is None and not self.stream:
             return tree
         if self.mesh is not None:

@@ -78,7 +78,7 @@ class WanVAP:
     def __init__(self, transformer: Component, encoders: WanEncoders, schedule,
                  placement: Placement | None = None):
         self.placement = placement or Placement()
-        config = transformer.config.with_options(stream_layers=self.placement.stream)
+        config = transformer.config.with_options(stream_layers=self.placement.stream, quantize=self.placement.quantize)
         self.transformer = Component(config, self.placement.params(transformer.params))
         self.encoders, self.schedule = encoders, schedule
         self._denoise = jax.jit(partial(_denoise, config), static_argnames=STATIC)
