@@ -98,8 +98,9 @@ class Placement:
         return self.mesh is not None and self.mesh.shape["data"] > 1
 
     def params(self, tree: Any) -> Any:
-        if not _is_abstract(tree):
-            tree = quantize.quantize_backbone(tree, self.quantize)
+        if self.quantize:  # (a dry run's abstract weights get the quantised shapes)
+            store = lambda t: quantize.quantize_backbone(t, self.quantize)  # noqa: E731
+            tree = jax.eval_shape(store, tree) if _is_abstract(tree) else store(tree)
         if self.mesh is None and not self.stream:
             return tree
         if self.mesh is not None:
