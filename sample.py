@@ -5,6 +5,9 @@
     python sample.py --config configs/cog_vap.py --config.checkpoint=... --config.image=... \
         --config.ref_video=... --config.prompt=... --config.ref_prompt=...
     python sample.py --config configs/wan_vap.py --config.checkpoint=...   (same fields)
+    python sample.py --config configs/cog_vap.py --config.dry_run=True     # device memory per stage, no run
+    --config.checkpoint=ByteDance/Video-As-Prompt-CogVideoX-5B   a Hub id: downloaded, converted once, cached
+    --config.mesh=data=2,tensor=4 [--config.split=sequence]      the denoising loop over several devices
     python sample.py ... --config.lora="style.safetensors:0.8|other.safetensors"   (LoRAs merged, vapjax.lora)
 
 The pipeline is the config's `family` in `vapjax.families` (checked against the converted checkpoint's;
@@ -14,26 +17,76 @@ Bad input (missing or unreadable files, a too-short reference for "first"/"rando
 resolution, too many references, a folder that is not a converted checkpoint or holds another family,
 a setting that cannot take effect) ends with one `error: ...` line and exit status 2.
 """
+import contextlib
 import dataclasses
+import os
+import re
 import resource
+import shutil
 import sys
 import time
 import warnings
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from convert import __main__ as convert_cli
+from convert.errors import ConversionError
 from convert.lora import module_names
-from vapjax import compile_cache, families, lora, video
+from vapjax import compile_cache, families, lora, memory, video
 from vapjax.checkpoint import CheckpointError
+from vapjax.pipelines.common import Placement, parse_mesh, placement_for
 from vapjax.video import VideoError
 
 
 # Config fields sample.py itself reads; every other field is one of the family's Request fields.
 RUN_KEYS = ("family", "checkpoint", "image", "ref_video", "ref_prompt", "output", "fps", "dtype", "attention",
-            "vae_tiling", "random_init", "model", "lora", "side_by_side", "oracle")
+            "vae_tiling", "random_init", "model", "dry_run", "offload", "mesh", "split", "quantize", "lora",
+            "side_by_side", "oracle")
+
+
+# A Hugging Face Hub id, optionally with a revision: Org/Name or Org/Name@rev.
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(@(?P<rev>[\w./-]+))?")
+
+
+def converted_cache() -> str:
+    """Where Hub checkpoints are kept converted: $VAPJAX_CACHE_DIR/converted, default
+    $XDG_CACHE_HOME/vapjax/converted (~/.cache/vapjax/converted)."""
+    base = os.environ.get("VAPJAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vapjax")
+    return os.path.join(base, "converted")
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """A converted pipeline folder for `ref`: a local folder as it is; a Hub id (Org/Name[@rev]) is
+    downloaded with huggingface_hub (it honours HF_HOME, HF_HUB_OFFLINE and its cache), converted once
+    into converted_cache()/Org--Name--<commit> and that copy is used from then on."""
+    match = HUB_ID.fullmatch(ref)
+    if os.path.exists(ref) or not match:
+        return ref
+    import huggingface_hub  # only for Hub ids
+    from huggingface_hub.errors import HFValidationError
+    try:
+        src = huggingface_hub.snapshot_download(match["repo"], revision=match["rev"])
+    except (HFValidationError, OSError, ValueError) as e:  # offline misses and HTTP errors are OSErrors
+        raise CheckpointError(f"{ref}: not a local folder and not downloadable from the Hugging Face Hub "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    commit = os.path.basename(os.path.normpath(src))  # .../snapshots/<commit>
+    dst = os.path.join(converted_cache(), f"{match['repo'].replace('/', '--')}--{commit}")
+    if not os.path.exists(os.path.join(dst, "pipeline.json")):
+        print(f"converting {match['repo']}@{commit[:12]} into {dst} (once)", flush=True)
+        tmp = f"{dst}.partial-{os.getpid()}"
+        try:
+            convert_cli.convert_folder(src, tmp)
+        except ConversionError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{ref}: {e}") from None
+        shutil.rmtree(dst, ignore_errors=True)  # an incomplete earlier copy (no pipeline.json)
+        os.replace(tmp, dst)
+    return dst
 
 
 def check_settings(c) -> None:
@@ -44,7 +97,7 @@ def check_settings(c) -> None:
     if c.random_init and ("model" not in c or not c.get("family")):
         raise ValueError("random_init=True needs config.family and config.model (the random model's sizes, "
                          "see configs/cog_vap_tiny.py)")
-    if not c.random_init and not c.checkpoint:
+    if not c.random_init and not c.checkpoint and not c.get("dry_run"):
         raise ValueError("no checkpoint: pass --config.checkpoint=<converted pipeline folder>")
     if c.get("dynamic_cfg") and c.guidance_scale <= 1:
         raise ValueError(f"dynamic_cfg=True has no effect with guidance_scale={c.guidance_scale} (no "
@@ -70,6 +123,12 @@ def make_request(c, name: str):
     return request(ref_prompts=ref_prompts, **{k: c[k] for k in fields if k in c and k != "ref_prompts"})
 
 
+def placement(c) -> Placement:
+    """Where the denoising loop runs: `mesh` ("" one device, or e.g. "data=2,tensor=4") and `split`;
+    how its backbone is stored (`quantize`)."""
+    return Placement(parse_mesh(c.get("mesh", "")), c.get("split", "heads"), quantize=c.get("quantize", ""))
+
+
 def build_pipeline(c):
     name = family_name(c)
     if not c.random_init and c.get("family"):
@@ -78,12 +137,17 @@ def build_pipeline(c):
             raise CheckpointError(f"{c.checkpoint}: a {found} checkpoint, but this config is for {name} "
                                   f"(use a {found} config, or --config.family={found})")
     pipeline = families.get(name).pipeline
-    opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling)
+    offload, where = c.get("offload", "encoders"), placement(c)
+    opts = dict(dtype=c.dtype or None, attention=c.attention or None, tiling=c.vae_tiling, offload=offload,
+                placement=where)
+    if c.get("lora"):  # the weights stay plain and resident until the LoRAs are merged
+        opts.update(offload="encoders" if offload == "layers" else offload, placement=None)
     pipe = pipeline.random_from_config(c.model, **opts) if c.random_init else pipeline.load(c.checkpoint, **opts)
-    if c.get("lora"):  # external LoRAs merged into the transformer once, in the order given
+    if c.get("lora"):  # external LoRAs merged into the transformer once, in the order given, then placed
         t = pipe.transformer
         names = module_names(families.get(name).transformer_kind, t.config)
         t.params = lora.load_into(t.params, lora.parse_spec(c.lora), names)
+        pipe = type(pipe)(t, pipe.encoders, pipe.schedule, placement_for(offload, where))
     return pipe
 
 
@@ -118,8 +182,51 @@ def peak_memory() -> str:
     return f"{dev}host peak RSS {host:.2f} GiB"
 
 
+def dry_run(c) -> None:
+    """Compile every stage on abstract weights and inputs and print XLA's device memory per stage and
+    the run's peak per offload mode; nothing is run and no weights are read (a checkpoint's configs only;
+    no checkpoint and no random_init: the released model's architecture)."""
+    name = family_name(c) if (c.checkpoint or c.get("family")) else ""
+    if not name:
+        raise ValueError("dry_run needs --config.family or --config.checkpoint")
+    req = make_request(c, name)
+    pipeline = families.get(name).pipeline
+    attention = c.attention or None
+    if attention == "cudnn" and jax.default_backend() == "cpu":
+        attention = "blockwise"  # cuDNN cannot compile here; blockwise is the same O(sequence) memory class
+        print("note: attention=cudnn cannot compile on CPU; analysing with attention=blockwise (also flash-style)")
+    dtype = c.dtype or None
+    opts = dict(dtype=dtype, attention=attention, tiling=c.vae_tiling, placement=placement(c))  # every offload mode
+    if c.random_init:
+        pipe, source = pipeline.random_from_config(c.model, abstract=True, **opts), "config.model"
+    elif c.checkpoint:
+        pipe, source = pipeline.abstract_load(c.checkpoint, **opts), c.checkpoint
+    else:
+        pipe, source = pipeline.random_from_config(None, abstract=True, **opts), "the released architecture"
+    num_refs = max(len([p for p in c.ref_video.split("|") if p]), 1)
+    req = dataclasses.replace(req, ref_prompts=req.ref_prompts or ("",) * num_refs)
+    pipe.validate(np.zeros((req.height, req.width, 3), np.uint8),
+                  [np.zeros((req.num_frames, 1, 1, 3), np.uint8)] * num_refs, req)
+    stages = pipe.stages(req, num_refs)
+    results = []
+    for stage in stages:
+        print(f"compiling {stage.name} ...", flush=True)
+        with pipe.placement.context() if stage.component == memory.TRANSFORMER else contextlib.nullcontext():
+            results.append(memory.analyse(stage))
+    weights = {s.component: memory.nbytes(s.args[0]) for s in stages}
+    print(f"\n{name} ({source}), {req.num_frames}x{req.height}x{req.width}, {dtype or 'stored dtype'}, "
+          f"attention={attention or 'auto'}: device memory from XLA's memory analysis of each compiled "
+          f"stage on {jax.default_backend()}{', per device of mesh ' + c.mesh if c.get('mesh') else ''} "
+          "(nothing was run)\n")
+    print(memory.table(results, weights, memory.streamed_bytes(pipe.transformer.params)))
+
+
 def run(c) -> None:
     check_settings(c)
+    if c.checkpoint:
+        c.checkpoint = resolve_checkpoint(c.checkpoint)
+    if c.get("dry_run"):
+        return dry_run(c)
     ref_paths = [p for p in c.ref_video.split("|") if p]
     if not c.image or not ref_paths:
         raise ValueError("pass --config.image=<image> and --config.ref_video=<reference video>")

@@ -42,5 +42,11 @@ def get_config():
     c.attention = ""                  # vapjax.attention implementation: "" (auto), "xla", "cudnn", "blockwise"
     c.vae_tiling = True               # spatial tiles for the VAE (needed for 480x720 on one GPU)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
+    c.offload = "encoders"            # "encoders": text/image encoders and VAE on the host between uses;
+                                      # "layers": also the transformer's layers, streamed in one at a time; "none"
+    c.mesh = ""                       # "" one device; e.g. "data=2,tensor=4": the denoising loop over a device mesh
+    c.split = "heads"                 # what `tensor` splits: "heads" or "sequence" (tokens; for heads it does not divide)
+    c.quantize = ""                   # "int8": the frozen backbone's layer kernels stored as int8, dequantised per layer
+    c.dry_run = False                 # True: compile every stage on abstract weights, print device memory, exit
     c.lora = ""                       # LoRA file(s) merged into the transformer: "a.safetensors:0.8|b.safetensors"
     return c

@@ -41,5 +41,11 @@ def get_config():
                                       # 40 heads x 40560^2 joint logits (263 GB); "" / "xla" for CPU
     c.vae_tiling = False              # spatial VAE tiles (the official script does not tile)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
+    c.offload = "encoders"            # "encoders": text/image encoders and VAE on the host between uses;
+                                      # "layers": also the transformer's layers, streamed in one at a time; "none"
+    c.mesh = ""                       # "" one device; e.g. "data=2,tensor=4": the denoising loop over a device mesh
+    c.split = "heads"                 # what `tensor` splits: "heads" or "sequence" (tokens; for heads it does not divide)
+    c.quantize = ""                   # "int8": the frozen backbone's layer kernels stored as int8, dequantised per layer
+    c.dry_run = False                 # True: compile every stage on abstract weights, print device memory, exit
     c.lora = ""                       # LoRA file(s) merged into the transformer: "a.safetensors:0.8|b.safetensors"
     return c

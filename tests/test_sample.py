@@ -92,6 +92,7 @@ def test_short_demo_reference_with_the_full_config(tmp_path, monkeypatch):
                   ref_prompt=tiny.ref_prompt, output=str(tmp_path / "out.mp4")))
     pipe = _ShapeOnlyPipeline()
     monkeypatch.setattr(sample, "build_pipeline", lambda c: pipe)
+    monkeypatch.setattr(sample, "resolve_checkpoint", lambda ref: ref)  # "ckpt/vap" is not a Hub id here
     sample.run(c)
     assert len(read_video(tiny.ref_video)[0]) == 13
     np.testing.assert_array_equal(pipe.picks[0], np.floor(np.linspace(0, 12, 49)).astype(int))

@@ -28,17 +28,19 @@ MAX_LENGTH_WAN = 512   # Wan's (its cross-attention hard-codes it)
 
 class Encoders:
     """A pipeline's VAE (encode and decode) and T5. A batch is split over `devices` (default: the
-    local devices) when it divides; otherwise it is replicated."""
+    local devices) when it divides; otherwise it is replicated. With `offload` the weights live on the
+    host and visit the device for each call, so they do not share it with the transformer's loop."""
 
     def __init__(self, vae_config: cogvideox_vae.VAEConfig, vae_params: Any, text_config: t5.T5Config,
                  text_params: Any, tokenizer: T5Tokenizer, *, tiling: cogvideox_vae.Tiling | None = None,
-                 max_length: int = MAX_LENGTH, devices: Sequence[jax.Device] | None = None):
+                 max_length: int = MAX_LENGTH, devices: Sequence[jax.Device] | None = None,
+                 offload: bool = False):
         self.vae_config, self.text_config = vae_config, text_config
         self.tokenizer, self.max_length = tokenizer, max_length
         self._mesh = Mesh(np.array(devices or jax.local_devices()), ("batch",))
         replicated = NamedSharding(self._mesh, PartitionSpec())
-        self._vae_params = jax.device_put(vae_params, replicated)
-        self._text_params = jax.device_put(text_params, replicated)
+        place = _to_host if offload else (lambda tree: _put_tree(tree, replicated))
+        self._vae_params, self._text_params = place(vae_params), place(text_params)
         vae = cogvideox_vae.AutoencoderKLCogVideoX(vae_config, tiling)
         encoder = t5.T5Encoder(text_config)
         self._posterior = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
@@ -47,14 +49,14 @@ class Encoders:
 
     @classmethod
     def load(cls, pipeline: str, *, dtype: str | None = None, tiling: bool = False, max_length: int = MAX_LENGTH,
-             devices: Sequence[jax.Device] | None = None) -> "Encoders":
+             devices: Sequence[jax.Device] | None = None, offload: bool = False) -> "Encoders":
         """From a converted pipeline folder (vae/, text_encoder/, tokenizer/); `dtype` sets both models'
         weights and compute (default: as stored)."""
         vcfg, vparams = checkpoint.load(os.path.join(pipeline, "vae"), "cogvideox_vae", dtype=dtype)
         tcfg, tparams = checkpoint.load(os.path.join(pipeline, "text_encoder"), "t5_encoder", dtype=dtype)
         tokenizer = T5Tokenizer.from_folder(os.path.join(pipeline, "tokenizer"))
         return cls(vcfg, vparams, tcfg, tparams, tokenizer, max_length=max_length, devices=devices,
-                   tiling=cogvideox_vae.Tiling.default(vcfg) if tiling else None)
+                   tiling=cogvideox_vae.Tiling.default(vcfg) if tiling else None, offload=offload)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         spec = PartitionSpec("batch") if len(x) % self._mesh.size == 0 else PartitionSpec()
@@ -103,10 +105,9 @@ class WanEncoders:
     """Wan's frozen encoders: the VAE (pixels <-> normalised latents), UMT5 (Wan's masked, zero-padded
     captions, `vapjax.text`) and the CLIP vision tower (penultimate states, exact CLIPImageProcessor).
 
-    The UMT5 and CLIP weights are only needed before denoising: with `offload` (default) they live on
-    the host and visit the device for each encode, so the transformer's sampling loop does not share
-    the accelerator with UMT5-XXL (11 GB in bf16) and CLIP ViT-H (2.5 GB in fp32). The VAE (0.5 GB)
-    stays on the device."""
+    With `offload` (default) the weights live on the host and visit the device for each call, so the
+    transformer's sampling loop does not share the accelerator with UMT5-XXL (11 GB in bf16), CLIP
+    ViT-H (2.5 GB in fp32) and the VAE (0.5 GB in fp32)."""
 
     def __init__(self, vae_config: wan_vae.VAEConfig, vae_params: Any, text_config: t5.T5Config,
                  text_params: Any, tokenizer: T5Tokenizer, clip_config: clip.CLIPVisionConfig, clip_params: Any,
@@ -114,7 +115,7 @@ class WanEncoders:
                  offload: bool = True):
         self.vae_config, self.text_config, self.clip_config = vae_config, text_config, clip_config
         self.tokenizer, self.clip_preprocess = tokenizer, clip_preprocess
-        self._vae_params = vae_params
+        self._vae_params = _to_host(vae_params) if offload else vae_params
         self._text_params = _to_host(text_params) if offload else text_params
         self._clip_params = _to_host(clip_params) if offload else clip_params
         vae = wan_vae.AutoencoderKLWan(vae_config, tiling)
@@ -180,9 +181,15 @@ class WanEncoders:
 
 
 def _to_host(tree: Any) -> Any:
-    """The arrays of `tree` as host numpy arrays; their device buffers are freed."""
-    host = jax.device_get(tree)
+    """The arrays of `tree` as host numpy arrays; their device buffers are freed. Abstract leaves
+    (ShapeDtypeStructs: a dry run's weights) stay as they are."""
+    host = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_get(x), tree)
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
             leaf.delete()
     return host
+
+
+def _put_tree(tree: Any, sharding: Any) -> Any:
+    """`jax.device_put` of every array of `tree`; abstract leaves (ShapeDtypeStructs) stay as they are."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, sharding), tree)

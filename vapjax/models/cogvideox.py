@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vapjax import attention as attention_paths
+from vapjax import offload, quantize
 from vapjax.attention import IMPLEMENTATIONS
 from vapjax.numerics import torch_linspace
 from vapjax.sharding import constrain
@@ -130,6 +131,8 @@ class CogVideoXConfig:
     param_dtype: str = "float32"
     attention: str | None = None     # vapjax.attention implementation: None (auto) | "xla" | "cudnn" | "blockwise"
     remat: str = "none"              # per-layer rematerialisation: "none" | "full" | "dots"
+    stream_layers: bool = False      # layers arrive from host memory (offload="layers", vapjax.offload)
+    quantize: str = ""               # "int8": the backbone's layer kernels stored as int8 (vapjax.quantize)
 
     @property
     def dim(self) -> int:
@@ -488,6 +491,7 @@ class Stream(nn.Module):
     cfg: CogVideoXConfig
     num_blocks: int
     with_head: bool
+    quantize: str = ""  # the stack's kernels as stored (vapjax.quantize): the frozen backbone's may be int8
 
     def setup(self):
         c = self.cfg
@@ -501,7 +505,7 @@ class Stream(nn.Module):
         c = self.cfg
         dummy = (jnp.zeros((1, 1, c.dim)), jnp.zeros((1, 1, c.dim)), jnp.zeros((1, c.time_embed_dim)))
         init = lambda r: Block(c, parent=None).init(r, *dummy)["params"]
-        return jax.vmap(init)(jax.random.split(rng, self.num_blocks))
+        return quantize.quantize_stack(jax.vmap(init)(jax.random.split(rng, self.num_blocks)), self.quantize)
 
     def embed(self, latents, text, t):
         return self.patch_embed(latents, text), self.time_embedding(t)
@@ -546,7 +550,7 @@ class CogVideoXTransformer(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.backbone = Stream(c, c.num_layers, with_head=True, name="backbone")
+        self.backbone = Stream(c, c.num_layers, with_head=True, quantize=c.quantize, name="backbone")
         if c.expert_layers:
             self.expert = Stream(c, len(c.expert_layers), with_head=False, name="expert")
         if c.structure == "single_branch_lora":
@@ -660,6 +664,9 @@ class CogVideoXTransformer(nn.Module):
         return video, text_tok, rope_ref, n
 
     def _remat(self, body):
+        """A scanned layer body as the run options ask: its layer streamed in from host memory and its
+        int8 kernels dequantised (vapjax.offload.layer_body), and rematerialised."""
+        body = offload.layer_body(body, stream=self.cfg.stream_layers, dtype=self.cfg.param_dtype)
         if self.cfg.remat == "none":
             return body
         return jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vapjax import offload, quantize
 from vapjax.models.cogvideox import TOKENS, attention, layer_runs, timestep_features
 from vapjax.sharding import constrain
 
@@ -77,6 +78,8 @@ class WanConfig:
     param_dtype: str = "float32"     # storage dtype, except the islands, which stay float32
     attention: str | None = None     # jax.nn.dot_product_attention implementation: None | "xla" | "cudnn"
     remat: str = "none"              # per-layer rematerialisation: "none" | "full" | "dots"
+    stream_layers: bool = False      # layers arrive from host memory (offload="layers", vapjax.offload)
+    quantize: str = ""               # "int8": the backbone's layer kernels stored as int8 (vapjax.quantize)
 
     @property
     def dim(self) -> int:
@@ -442,7 +445,9 @@ class Stream(nn.Module):
         context = (x, x if c.image_dim else None)
         temb_proj = jnp.zeros((1, 6 * c.dim))
         init = lambda r: Block(c, self.expert, parent=None).init(r, x, temb_proj, None, context)["params"]
-        return jax.vmap(init)(jax.random.split(rng, self.num_blocks))
+        blocks = jax.vmap(init)(jax.random.split(rng, self.num_blocks))
+        # The frozen backbone's kernels as stored (vapjax.quantize: int8 or as they are).
+        return blocks if self.expert else quantize.quantize_stack(blocks, c.quantize)
 
     def embed(self, latents, text, image, t):
         """(video tokens, temb, modulation projection, (text, image) context)."""
@@ -590,6 +595,9 @@ class WanTransformer(nn.Module):
         return video, (temb_proj, rope, context)
 
     def _remat(self, body):
+        """A scanned layer body as the run options ask: its layer streamed in from host memory and its
+        int8 kernels dequantised (vapjax.offload.layer_body), and rematerialised."""
+        body = offload.layer_body(body, stream=self.cfg.stream_layers, dtype=self.cfg.param_dtype)
         if self.cfg.remat == "none":
             return body
         return jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])

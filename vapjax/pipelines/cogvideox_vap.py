@@ -32,13 +32,19 @@ import numpy as np
 from vapjax import checkpoint, conditioning, sampling, video
 from vapjax.encoders import Encoders
 from vapjax.models import cogvideox, cogvideox_vae, t5
-from vapjax.pipelines.common import Component, Output, Recorder, require_pipeline_folder
+from vapjax.memory import Stage
+from vapjax.pipelines.common import Component, Output, Placement, Recorder, placement_for, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
 MAX_REFERENCES = 3
-
+STATIC = ("guided", "record", "progress")  # the denoising loop's static arguments
+# CogVideoX-5B-I2V's scheduler_config.json (spec §5.1).
+SCHEDULER = dict(_class_name="CogVideoXDDIMScheduler", beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type="v_prediction",
+                 rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=1.0, steps_offset=0,
+                 timestep_spacing="trailing", clip_sample=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,47 +72,117 @@ class CogVideoXVAP:
     """The pipeline's components and its jitted stages. Build with `load(folder)` (a converted
     pipeline, see `python -m convert`) or `random(...)` (random weights, for demos and tests)."""
 
-    def __init__(self, transformer: Component, encoders: Encoders, schedule: sampling.DDIMSchedule):
-        self.transformer, self.encoders, self.schedule = transformer, encoders, schedule
-        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=("guided", "record", "progress"))
+    def __init__(self, transformer: Component, encoders: Encoders, schedule: sampling.DDIMSchedule,
+                 placement: Placement | None = None):
+        self.placement = placement or Placement()
+        config = transformer.config.with_options(stream_layers=self.placement.stream, quantize=self.placement.quantize)
+        self.transformer = Component(config, self.placement.params(transformer.params))
+        self.encoders, self.schedule = encoders, schedule
+        self._denoise = jax.jit(partial(_denoise, config), static_argnames=STATIC)
 
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
-             tiling: bool = False) -> "CogVideoXVAP":
+             tiling: bool = False, offload: str = "none",
+             placement: Placement | None = None) -> "CogVideoXVAP":
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets weights and compute of all
-        models (default: as stored); `attention` picks the dot_product_attention implementation."""
+        models (default: as stored); `attention` picks the dot_product_attention implementation;
+        `offload` (`vapjax.memory.OFFLOAD_MODES`) which weights live on the host between uses."""
         require_pipeline_folder(path)
+        placement = placement_for(offload, placement)
         tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "cogvideox_transformer", dtype=dtype,
                                         attention=attention)
-        encoders = Encoders.load(path, dtype=dtype, tiling=tiling, devices=jax.local_devices()[:1])
+        encoders = Encoders.load(path, dtype=dtype, tiling=tiling, devices=jax.local_devices()[:1],
+                                 offload=offload != "none")
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = sampling.DDIMSchedule.from_config(json.load(f))
-        return cls(Component(tcfg, tparams), encoders, schedule)
+        return cls(Component(tcfg, tparams), encoders, schedule, placement)
 
     @classmethod
     def random(cls, transformer: cogvideox.CogVideoXConfig, vae: cogvideox_vae.VAEConfig, text_encoder: t5.T5Config,
-               tokenizer: str, scheduler: dict, seed: int = 0, tiling: bool = False) -> "CogVideoXVAP":
-        """Random weights (a demo that needs no download; outputs are noise-like, not meaningful)."""
+               tokenizer: str | None, scheduler: dict, seed: int = 0, tiling: bool = False,
+               offload: str = "none", abstract: bool = False,
+               placement: Placement | None = None) -> "CogVideoXVAP":
+        """Random weights (a demo that needs no download; outputs are noise-like, not meaningful).
+        `abstract`: every weight a ShapeDtypeStruct instead (nothing allocated), for `stages`."""
+        placement = placement_for(offload, placement)
         key = jax.random.PRNGKey(0)
-        init = lambda fn, cfg, i: random_params(jax.eval_shape(partial(fn, cfg), key), seed * 3 + i)  # noqa: E731
+
+        def init(fn, cfg, i):
+            shapes = jax.eval_shape(partial(fn, cfg), key)
+            return shapes if abstract else random_params(shapes, seed * 3 + i)
+
         encoders = Encoders(vae, init(cogvideox_vae.init_params, vae, 1), text_encoder,
-                            init(t5.init_params, text_encoder, 2), T5Tokenizer.from_folder(tokenizer),
+                            init(t5.init_params, text_encoder, 2),
+                            T5Tokenizer.from_folder(tokenizer) if tokenizer else None,
                             tiling=cogvideox_vae.Tiling.default(vae) if tiling else None,
-                            devices=jax.local_devices()[:1])
+                            devices=jax.local_devices()[:1], offload=offload != "none")
         return cls(Component(transformer, init(cogvideox.init_params, transformer, 0)), encoders,
-                   sampling.DDIMSchedule.from_config(scheduler))
+                   sampling.DDIMSchedule.from_config(scheduler), placement)
 
     @classmethod
     def random_from_config(cls, m, *, dtype: str | None = None, attention: str | None = None,
-                           tiling: bool = False) -> "CogVideoXVAP":
-        """`random` from a sample config's `model` section (see configs/cog_vap_tiny.py)."""
+                           tiling: bool = False, offload: str = "none", abstract: bool = False,
+                           placement: Placement | None = None) -> "CogVideoXVAP":
+        """`random` from a sample config's `model` section (see configs/cog_vap_tiny.py); `m=None`: the
+        released model's architecture (CogVideoX-5B-I2V + VAP, its VAE, T5-XXL, its scheduler)."""
         dt = dtype or "float32"
-        return cls.random(cogvideox.CogVideoXConfig(**m.transformer.to_dict(), dtype=dt, param_dtype=dt,
+        sizes = lambda part: m[part].to_dict() if m is not None else {}  # noqa: E731
+        return cls.random(cogvideox.CogVideoXConfig(**sizes("transformer"), dtype=dt, param_dtype=dt,
                                                     attention=attention),
-                          cogvideox_vae.VAEConfig(**m.vae.to_dict()), t5.T5Config(**m.text_encoder.to_dict()),
-                          m.tokenizer, m.scheduler.to_dict(), seed=m.seed, tiling=tiling)
+                          cogvideox_vae.VAEConfig(**sizes("vae"), dtype=dt, param_dtype=dt),
+                          t5.T5Config(**sizes("text_encoder"), dtype=dt, param_dtype=dt),
+                          m.tokenizer if m is not None else None,
+                          m.scheduler.to_dict() if m is not None else SCHEDULER, seed=m.seed if m is not None else 0,
+                          tiling=tiling, offload=offload, abstract=abstract, placement=placement)
+
+    @classmethod
+    def abstract_load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
+                      tiling: bool = False, offload: str = "none",
+                      placement: Placement | None = None) -> "CogVideoXVAP":
+        """A converted folder's models as `load` would configure them, with abstract weights (only the
+        configs are read), for `stages`."""
+        require_pipeline_folder(path)
+        def cfg(sub, kind, **options):
+            c = checkpoint.read_config(os.path.join(path, sub), kind)
+            dt = {"dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(dtype).name} if dtype else {}
+            return type(c).from_dict({**c.to_dict(), **dt, **options})
+
+        with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+            scheduler = json.load(f)
+        return cls.random(cfg("transformer", "cogvideox_transformer", attention=attention),
+                          cfg("vae", "cogvideox_vae"), cfg("text_encoder", "t5_encoder"), None, scheduler,
+                          tiling=tiling, offload=offload, abstract=True, placement=placement)
+
+    # -- memory ------------------------------------------------------------------------------------
+
+    def stages(self, req: Request, num_refs: int = 1) -> list[Stage]:
+        """The jitted stages of one generation of `req`'s size, with abstract inputs (`vapjax.memory`
+        compiles them for a dry run): T5 on every caption, the VAE on a reference clip (the largest
+        encode), the whole denoising loop, the VAE decode."""
+        tcfg, vae, enc = self.transformer.config, self.encoders.vae_config, self.encoders
+        dtype, S = jnp.dtype(tcfg.dtype), jax.ShapeDtypeStruct
+        n = 2 if req.guidance_scale > 1.0 else 1
+        ids = S((3 + num_refs, req.max_sequence_length), jnp.int32)
+        clip = S((1, req.num_frames, req.height, req.width, 3), jnp.float32)
+        latents = jax.eval_shape(enc._posterior, enc._vae_params, clip).mean
+        text = jax.eval_shape(enc._t5, enc._text_params, ids)
+        like = lambda shape: S(shape, dtype)  # noqa: E731
+        z = latents.shape[1:]
+        cond = jax.eval_shape(conditioning.cogvideox, like((n, 1) + z[1:]), like((n, num_refs) + z),
+                              like((n, num_refs, 1) + z[1:]), like((n,) + text.shape[1:]),
+                              like((n, num_refs) + text.shape[1:]))
+        steps = jax.tree.map(lambda a: S(np.shape(a), np.asarray(a).dtype), self.schedule.steps(req.steps))
+        denoise = (self.transformer.params, like(latents.shape), cond["image"], cond["ref_latents"], cond["text"],
+                   cond["ref_text"], steps, S((req.steps,), jnp.float32))
+        return [
+            Stage("text encoder (T5)", "text_encoder", enc._t5, (enc._text_params, ids)),
+            Stage("VAE encode (one clip)", "vae", enc._posterior, (enc._vae_params, clip)),
+            Stage(f"denoise ({req.steps} steps, CFG batch {n})", "transformer", self._denoise, denoise,
+                  dict(guided=n == 2, record=False, progress=None)),
+            Stage("VAE decode", "vae", enc._decode, (enc._vae_params, S(latents.shape, jnp.float32))),
+        ]
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -198,10 +274,13 @@ class CogVideoXVAP:
             if x.shape != shape:
                 raise ValueError(f"latents of shape {x.shape}, expected {shape}")
             x = x.astype(dtype)
-        out = self._denoise(self.transformer.params, x, cond["image"], cond["ref_latents"], cond["text"],
-                            cond["ref_text"], steps, jnp.asarray(scales, jnp.float32), guided=guided,
-                            record=recorder is not None, progress=progress)
-        final, history = out if recorder is not None else (out, {})
+        at = self.placement  # one device, or the mesh: CFG batch over `data`, heads or tokens over `tensor`
+        with at.context():
+            out = self._denoise(self.transformer.params, at.replicated(x), at.batch(cond["image"]),
+                                at.batch(cond["ref_latents"]), at.batch(cond["text"]), at.batch(cond["ref_text"]),
+                                steps, jnp.asarray(scales, jnp.float32), guided=guided,
+                                record=recorder is not None, progress=progress)
+        final, history = at.gather(out) if recorder is not None else (at.gather(out), {})
 
         # 6. Decode (latents × float32(1/0.7), as the reference multiplies by the Python float 1/0.7).
         decode_input = final * np.float32(1 / vae.scaling_factor)

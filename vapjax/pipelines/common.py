@@ -1,13 +1,17 @@
 """What every family's generation pipeline shares: its components, its output and the recorder hook."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vapjax import checkpoint
+from vapjax import checkpoint, offload, quantize, sharding
+from vapjax.memory import OFFLOAD_MODES
 
 # recorder(name, value): receives the run's intermediates (channels-last arrays), e.g. `dict.__setitem__`.
 Recorder = Callable[[str, Any], None]
@@ -34,3 +38,98 @@ def require_pipeline_folder(path: str) -> None:
                 f"{path} OUT_DIR" if os.path.exists(os.path.join(path, "model_index.json"))
                 else "convert a diffusers pipeline folder with python -m convert SRC OUT_DIR")
         raise checkpoint.CheckpointError(f"{path}: not a converted vapjax pipeline ({hint})")
+
+
+def check_offload(mode: str) -> None:
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload={mode!r}: one of {', '.join(OFFLOAD_MODES)}")
+
+
+def placement_for(offload: str, placement: "Placement | None") -> "Placement":
+    """`placement` (default: one device) with the transformer's layers streamed iff offload="layers"."""
+    check_offload(offload)
+    return dataclasses.replace(placement or Placement(), stream=offload == "layers")
+
+
+# How the transformer's activations are split over the mesh's `tensor` axis: attention heads (and
+# FFN units), or the tokens of the joint sequence (for head counts the axis does not divide).
+SPLITS = {"heads": sharding.RULES,
+          "sequence": {**sharding.RULES, "activation_length": "tensor", "activation_heads": None}}
+
+
+def parse_mesh(text: str, devices: Sequence[Any] | None = None) -> Mesh | None:
+    """"data=2,tensor=4" -> a (data, fsdp, tensor) mesh over the local devices (unnamed axes 1, one
+    size may be -1: the rest); "" -> None (one device)."""
+    if not text:
+        return None
+    sizes = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if name.strip() not in sharding.MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"mesh={text!r}: expected axis=size pairs over {', '.join(sharding.MESH_AXES)}, "
+                             "e.g. data=2,tensor=4")
+        sizes[name.strip()] = int(size)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+    return sharding.make_mesh(**sizes, devices=devices if devices is not None else jax.local_devices())
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the transformer's denoising loop runs: one device (mesh None), or a mesh with the
+    parameters split by `vapjax.sharding`'s rules, the CFG batch over `data` and the activations by
+    `split` (SPLITS). The encoders stay on the first device."""
+    mesh: Mesh | None = None
+    split: str = "heads"
+    stream: bool = False  # the layer stacks in host memory, streamed to the device (offload="layers")
+    quantize: str = ""    # "int8": the backbone's stacked kernels stored as int8 (vapjax.quantize)
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r}: one of {', '.join(SPLITS)}")
+        if self.quantize and self.mesh is not None:
+            raise ValueError(f"quantize={self.quantize!r} runs on one device; drop it or the mesh")
+
+    @property
+    def rules(self) -> dict:
+        return SPLITS[self.split]
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.mesh is not None and self.mesh.shape["data"] > 1
+
+    def params(self, tree: Any) -> Any:
+        if self.quantize:  # (a dry run's abstract weights get the quantised shapes)
+            store = lambda t: quantize.quantize_backbone(t, self.quantize)  # noqa: E731
+            tree = jax.eval_shape(store, tree) if _is_abstract(tree) else store(tree)
+        if self.mesh is None and not self.stream:
+            return tree
+        if self.mesh is not None:
+            shardings = sharding.param_shardings(tree, self.mesh, self.rules)
+        else:
+            shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), tree)
+        if self.stream:
+            shardings = offload.host_stacks(shardings)
+        if _is_abstract(tree):  # a dry run: the shardings go with the shapes
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+        return jax.device_put(tree, shardings)
+
+    def batch(self, x: Any) -> Any:
+        """An input whose leading axis is the (CFG) batch: split over the data-parallel axes."""
+        if self.mesh is None:
+            return x
+        axes = ("batch",) + (None,) * (np.ndim(x) - 1)
+        return jax.device_put(x, NamedSharding(self.mesh, sharding.spec(axes, np.shape(x), self.mesh, self.rules)))
+
+    def replicated(self, x: Any) -> Any:
+        return x if self.mesh is None else jax.device_put(x, sharding.replicated(self.mesh))
+
+    def gather(self, x: Any) -> Any:
+        """A result back on the first device (where the encoders run)."""
+        return x if self.mesh is None else jax.device_put(x, jax.local_devices()[0])
+
+    def context(self):
+        return sharding.use_rules(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+
+def _is_abstract(tree: Any) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))

@@ -34,16 +34,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vapjax import checkpoint, conditioning, flow_sampling, sampling, video
+from vapjax import checkpoint, conditioning, flow_sampling, sampling, text, video
 from vapjax.clip_preprocess import CLIPPreprocessConfig
 from vapjax.encoders import MAX_LENGTH_WAN, WanEncoders
 from vapjax.models import clip, t5, wan, wan_vae
-from vapjax.pipelines.common import Component, Output, Recorder, require_pipeline_folder
+from vapjax.memory import Stage
+from vapjax.pipelines.common import Component, Output, Placement, Recorder, placement_for, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 from vapjax.random_init import random_params
 from vapjax.tokenizer import T5Tokenizer
 
 REFERENCE_TIMESTEP = 1  # the expert sees its clean reference at t = 1 (WPIPE:812; the trainer too)
+STATIC = ("guided", "record", "progress", "cfg_batch")  # the denoising loop's static arguments
+# Wan2.1-I2V-14B-480P's text encoder (UMT5-XXL) and scheduler_config.json (spec §5.2).
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                per_layer_position_bias=True)
+SCHEDULER = dict(_class_name="UniPCMultistepScheduler", prediction_type="flow_prediction", use_flow_sigmas=True,
+                 flow_shift=3.0, solver_order=2, solver_type="bh2", lower_order_final=True,
+                 final_sigmas_type="zero", num_train_timesteps=1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,22 +75,29 @@ class WanVAP:
     """The pipeline's components and its jitted denoising loop. Build with `load(folder)` (a converted
     pipeline, see `python -m convert`) or `random(...)` (random weights, for demos and tests)."""
 
-    def __init__(self, transformer: Component, encoders: WanEncoders, schedule):
-        self.transformer, self.encoders, self.schedule = transformer, encoders, schedule
-        self._denoise = jax.jit(partial(_denoise, transformer.config), static_argnames=("guided", "record", "progress"))
+    def __init__(self, transformer: Component, encoders: WanEncoders, schedule,
+                 placement: Placement | None = None):
+        self.placement = placement or Placement()
+        config = transformer.config.with_options(stream_layers=self.placement.stream, quantize=self.placement.quantize)
+        self.transformer = Component(config, self.placement.params(transformer.params))
+        self.encoders, self.schedule = encoders, schedule
+        self._denoise = jax.jit(partial(_denoise, config), static_argnames=STATIC)
 
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
-             tiling: bool = False) -> "WanVAP":
+             tiling: bool = False, offload: str = "encoders",
+             placement: Placement | None = None) -> "WanVAP":
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets the weights and compute of the
         transformer and UMT5 (default: as stored); the VAE and CLIP run in float32 as the official
         inference script loads them. `attention` picks the transformer's dot_product_attention implementation
-        (at 480x832 only a fused one fits: "cudnn")."""
+        (at 480x832 only a fused one fits: "cudnn"). `offload` (`vapjax.memory.OFFLOAD_MODES`): which
+        weights live on the host between uses."""
         require_pipeline_folder(path)
+        placement = placement_for(offload, placement)
         # Encoders first: their host copies are made before the transformer takes the device.
-        encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling)
+        encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling, offload=offload != "none")
         # As stored, then cast to the dtypes the model declares: `checkpoint.load(dtype=)` would cast the
         # float32 islands of the official bf16 inference (time embedders, modulation tables, norms) too.
         tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "wan_transformer",
@@ -92,32 +107,99 @@ class WanVAP:
             tparams = _cast_like(tparams, wan.param_shapes(tcfg))
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = flow_sampling.schedule_from_config(json.load(f))
-        return cls(Component(tcfg, tparams), encoders, schedule)
+        return cls(Component(tcfg, tparams), encoders, schedule, placement)
 
     @classmethod
     def random(cls, transformer: wan.WanConfig, vae: wan_vae.VAEConfig, text_encoder: t5.T5Config,
-               image_encoder: clip.CLIPVisionConfig, image_processor: CLIPPreprocessConfig, tokenizer: str,
-               scheduler: dict, seed: int = 0, tiling: bool = False) -> "WanVAP":
-        """Random weights (a demo that needs no download; outputs are noise-like, not meaningful)."""
+               image_encoder: clip.CLIPVisionConfig, image_processor: CLIPPreprocessConfig, tokenizer: str | None,
+               scheduler: dict, seed: int = 0, tiling: bool = False, offload: str = "encoders",
+               abstract: bool = False, placement: Placement | None = None) -> "WanVAP":
+        """Random weights (a demo that needs no download; outputs are noise-like, not meaningful).
+        `abstract`: every weight a ShapeDtypeStruct instead (nothing allocated), for `stages`."""
+        placement = placement_for(offload, placement)
         key = jax.random.PRNGKey(0)
-        init = lambda fn, cfg, i: random_params(jax.eval_shape(partial(fn, cfg), key), seed * 4 + i)  # noqa: E731
+
+        def init(fn, cfg, i):
+            shapes = jax.eval_shape(partial(fn, cfg), key)
+            return shapes if abstract else random_params(shapes, seed * 4 + i)
+
         encoders = WanEncoders(vae, init(wan_vae.init_params, vae, 1), text_encoder,
-                               init(t5.init_params, text_encoder, 2), T5Tokenizer.from_folder(tokenizer),
+                               init(t5.init_params, text_encoder, 2),
+                               T5Tokenizer.from_folder(tokenizer) if tokenizer else None,
                                image_encoder, init(clip.init_params, image_encoder, 3), image_processor,
-                               tiling=wan_vae.Tiling() if tiling else None)
+                               tiling=wan_vae.Tiling() if tiling else None, offload=offload != "none")
         return cls(Component(transformer, init(wan.init_params, transformer, 0)), encoders,
-                   flow_sampling.schedule_from_config(scheduler))
+                   flow_sampling.schedule_from_config(scheduler), placement)
 
     @classmethod
     def random_from_config(cls, m, *, dtype: str | None = None, attention: str | None = None,
-                           tiling: bool = False) -> "WanVAP":
-        """`random` from a sample config's `model` section (see configs/wan_vap_tiny.py)."""
+                           tiling: bool = False, offload: str = "encoders", abstract: bool = False,
+                           placement: Placement | None = None) -> "WanVAP":
+        """`random` from a sample config's `model` section (see configs/wan_vap_tiny.py); `m=None`: the
+        released model's architecture (Wan2.1-I2V-14B + VAP d10, its VAE, UMT5-XXL, CLIP ViT-H/14)."""
         dt = dtype or "float32"
+        sizes = lambda part, default=None: m[part].to_dict() if m is not None else dict(default or {})  # noqa: E731
         return cls.random(
-            wan.WanConfig(**m.transformer.to_dict(), dtype=dt, param_dtype=dt, attention=attention),
-            wan_vae.VAEConfig(**m.vae.to_dict()), t5.T5Config(**m.text_encoder.to_dict(), dtype=dt, param_dtype=dt),
-            clip.CLIPVisionConfig(**m.image_encoder.to_dict()), CLIPPreprocessConfig(**m.image_processor.to_dict()),
-            m.tokenizer, m.scheduler.to_dict(), seed=m.seed, tiling=tiling)
+            wan.WanConfig(**sizes("transformer"), dtype=dt, param_dtype=dt, attention=attention),
+            wan_vae.VAEConfig(**sizes("vae")), t5.T5Config(**sizes("text_encoder", UMT5_XXL), dtype=dt, param_dtype=dt),
+            clip.CLIPVisionConfig(**sizes("image_encoder")), CLIPPreprocessConfig(**sizes("image_processor")),
+            m.tokenizer if m is not None else None, m.scheduler.to_dict() if m is not None else SCHEDULER,
+            seed=m.seed if m is not None else 0, tiling=tiling, offload=offload, abstract=abstract, placement=placement)
+
+    @classmethod
+    def abstract_load(cls, path: str, *, dtype: str | None = None, attention: str | None = None,
+                      tiling: bool = False, offload: str = "encoders",
+                      placement: Placement | None = None) -> "WanVAP":
+        """A converted folder's models as `load` would configure them, with abstract weights (only the
+        configs are read), for `stages`."""
+        require_pipeline_folder(path)
+
+        def cfg(sub, kind, dt=None, **options):
+            c = checkpoint.read_config(os.path.join(path, sub), kind)
+            dt = {"dtype": jnp.dtype(dt).name, "param_dtype": jnp.dtype(dt).name} if dt else {}
+            return type(c).from_dict({**c.to_dict(), **dt, **options})
+
+        with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+            scheduler = json.load(f)
+        pre = CLIPPreprocessConfig.from_file(os.path.join(path, "image_processor", "preprocessor_config.json"))
+        return cls.random(cfg("transformer", "wan_transformer", dtype, **({"attention": attention} if attention else {})),
+                          cfg("vae", "wan_vae", "float32"), cfg("text_encoder", "t5_encoder", dtype),
+                          cfg("image_encoder", "clip_vision", "float32"), pre, None, scheduler, tiling=tiling,
+                          offload=offload, abstract=True, placement=placement)
+
+    # -- memory ------------------------------------------------------------------------------------
+
+    def stages(self, req: Request, num_refs: int = 1) -> list[Stage]:
+        """The jitted stages of one generation of `req`'s size, with abstract inputs (`vapjax.memory`
+        compiles them for a dry run): UMT5 on the four captions, CLIP on two images, the VAE on one clip,
+        the whole denoising loop, the VAE decode."""
+        del num_refs  # always one
+        tcfg, vae, enc = self.transformer.config, self.encoders.vae_config, self.encoders
+        dtype, S = jnp.dtype(tcfg.dtype), jax.ShapeDtypeStruct
+        ids = S((4, req.max_sequence_length), jnp.int32)
+        pre = enc.clip_preprocess
+        pixels = S((2, pre.crop_height, pre.crop_width, 3), jnp.float32)
+        clip_fn = partial(clip._penultimate, enc.clip_config)
+        umt5 = partial(text._encode, enc.text_config)
+        frames = S((1, req.num_frames, req.height, req.width, 3), jnp.float32)
+        z = jax.eval_shape(enc._posterior, enc._vae_params, frames).mean
+        z = S(z.shape, jnp.float32)
+        caption = S((1,) + jax.eval_shape(umt5, enc._text_params, ids, ids).shape[1:], dtype)
+        image = S((1,) + jax.eval_shape(clip_fn, enc._clip_params, pixels).shape[1:], dtype)
+        cond = jax.eval_shape(partial(conditioning.wan, mask_channels=vae.temporal_compression), z, z, z,
+                              caption, caption, image, image)
+        steps = jax.tree.map(lambda a: S(np.shape(a), np.asarray(a).dtype), self.schedule.steps(req.steps))
+        guided = req.guidance_scale > 1.0
+        denoise = (self.transformer.params, z, cond["condition"], cond["ref_latents"], caption, caption, caption,
+                   caption, image, image, steps, S((), jnp.float32))
+        return [
+            Stage("text encoder (UMT5)", "text_encoder", umt5, (enc._text_params, ids, ids)),
+            Stage("image encoder (CLIP)", "image_encoder", clip_fn, (enc._clip_params, pixels)),
+            Stage("VAE encode (one clip)", "vae", enc._posterior, (enc._vae_params, frames)),
+            Stage(f"denoise ({req.steps} steps, {2 if guided else 1} calls/step)", "transformer", self._denoise,
+                  denoise, dict(guided=guided, record=False, progress=None, cfg_batch=self.placement.data_parallel)),
+            Stage("VAE decode", "vae", enc._decode, (enc._vae_params, S(z.shape, vae.dtype))),
+        ]
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -197,10 +279,13 @@ class WanVAP:
             if x.shape != shape:
                 raise ValueError(f"latents of shape {x.shape}, expected {shape}")
             x = x.astype(jnp.float32)
-        out = self._denoise(self.transformer.params, x, cond["condition"], cond["ref_latents"], pos, neg, pos_ref,
-                            neg_ref, image_embeds, ref_image_embeds, steps, jnp.float32(req.guidance_scale),
-                            guided=guided, record=recorder is not None, progress=progress)
-        final, history = out if recorder is not None else (out, {})
+        at = self.placement  # one device, or the mesh: CFG halves over `data`, heads or tokens over `tensor`
+        with at.context():
+            out = self._denoise(self.transformer.params, *map(at.replicated, (
+                                x, cond["condition"], cond["ref_latents"], pos, neg, pos_ref, neg_ref, image_embeds,
+                                ref_image_embeds)), steps, jnp.float32(req.guidance_scale), guided=guided,
+                                record=recorder is not None, progress=progress, cfg_batch=at.data_parallel)
+        final, history = at.gather(out) if recorder is not None else (at.gather(out), {})
 
         # 6. Decode.
         decoded = enc.decode(final)
@@ -248,21 +333,30 @@ def _cast_like(params, shapes):
 
 
 def _denoise(cfg, params, latents, condition, ref_input, text, neg_text, ref_text, neg_ref_text, image, ref_image,
-             steps, scale, *, guided, record, progress):
+             steps, scale, *, guided, record, progress, cfg_batch=False):
     """The flow-matching loop; each step the model sees [x | mask | condition] in its compute dtype.
     Guided, the two calls of a step (conditional, then unconditional: both captions negative) run one
-    after the other as a `lax.map` over the caption pairs, so the model is traced and compiled once."""
+    after the other as a `lax.map` over the caption pairs, so the model is traced and compiled once;
+    `cfg_batch` runs them as one batch of two instead (split over a mesh's `data` axis)."""
     model = wan.WanTransformer(cfg)
     dtype = jnp.dtype(cfg.dtype)
     ref_input = ref_input.astype(dtype)
     captions = [(text, ref_text)] + ([(neg_text, neg_ref_text)] if guided else [])
     captions = jax.tree.map(lambda *a: jnp.stack(a), *captions)
 
+    def call(xin, t, c):
+        return model.apply({"params": params}, xin, c[0], image, jnp.full((xin.shape[0],), t), ref_input, c[1],
+                           ref_image, REFERENCE_TIMESTEP)
+
     def denoise(x, t, i):
         xin = jnp.concatenate([x, condition], axis=-1).astype(dtype)
-        tt = jnp.full((xin.shape[0],), t)
-        pred = jax.lax.map(lambda c: model.apply({"params": params}, xin, c[0], image, tt, ref_input, c[1],
-                                                 ref_image, REFERENCE_TIMESTEP), captions)
+        if cfg_batch and guided:  # [cond; uncond] as one batch: everything but the captions repeated
+            two = lambda a: jnp.concatenate([a, a])  # noqa: E731
+            merged = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), captions)
+            pred = model.apply({"params": params}, two(xin), merged[0], two(image), jnp.full((2,), t),
+                               two(ref_input), merged[1], two(ref_image), REFERENCE_TIMESTEP)[:, None]
+        else:
+            pred = jax.lax.map(lambda c: call(xin, t, c), captions)
         cond = pred[0]
         out = sampling.guide(pred[1], cond, scale) if guided else cond
         aux = {"noise_pred_cond": cond, "noise_pred_guided": out, "latent_model_input": xin}
