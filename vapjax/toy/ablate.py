@@ -22,7 +22,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from vapjax import checkpoint, sampling
+from vapjax import checkpoint, compile_cache, sampling
 from vapjax.models import cogvideox
 from vapjax.encoders import Encoders
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP, Component
@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--pairs", type=int, default=72)
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per evaluated generation")
     a = ap.parse_args(argv)
+    compile_cache.enable()  # every seed of a variant compiles the same programs: later seeds load them
     import importlib.util  # noqa: PLC0415
     spec = importlib.util.spec_from_file_location("toy_build_config", a.config)
     module = importlib.util.module_from_spec(spec)
@@ -186,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise FileNotFoundError(f"{a.config}: no such config file")
         spec.loader.exec_module(module)
         if a.from_default:
+            if a.pool < 2:
+                raise ValueError(f"--pool {a.pool}: a training pair is one condition on two scenes, so at least 2")
             workdir_from_default(module.get_config(), a.workdir, per_condition=a.pool)
         elif not os.path.exists(os.path.join(a.workdir, "encoded.npz")):
             raise FileNotFoundError(f"{a.workdir}: not a toy build workdir (python -m vapjax.toy.build), "
