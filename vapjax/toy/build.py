@@ -288,7 +288,7 @@ def stage_backbone(c, paths, get_pool, writer) -> None:
         u, opt = tx.update(g, state.opt_state, state.params)
         return training.TrainState(state.step + 1, optax.apply_updates(state.params, u), opt), loss
 
-    state = training.init_state(params, tx)
+    state = jax.device_put(training.init_state(params, tx), jax.local_devices()[0])  # committed: one compile
     rng, key, t0, avg = np.random.default_rng(c.seed + 1), jax.random.PRNGKey(c.seed + 1), time.time(), []
     for i in range(c.backbone.steps):
         idx = rng.integers(0, len(data["ids"]), c.backbone.batch)
@@ -350,7 +350,8 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
                                              caption_dropout=c.expert.caption_dropout, dtype=jnp.float32)
     tx, lr = _optimizer(c.expert)
     trainable, frozen = training.split_params(params, cogvideox.structure_unfreeze(cfg))
-    state = training.init_state(trainable, tx)
+    # Committed to the device as the step's outputs are, so that its second call does not compile again.
+    state, frozen = jax.device_put((training.init_state(trainable, tx), frozen), jax.local_devices()[0])
     step = jax.jit(training.make_train_step(objective, tx, lr))
     conds = data["conditions"]
     by_condition = [np.flatnonzero(conds == k) for k in range(conds.max() + 1)]
