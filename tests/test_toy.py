@@ -147,7 +147,8 @@ def test_ablation_study_smoke(tmp_path):
     table = (out / "ablation.md").read_text()
     assert table in run.stdout
     row, families = [line for line in table.splitlines() if line.startswith("| residual_addition |")]
-    assert row.count("±") == len(ablate.METRICS) and row.endswith("| 55.99 |"), table  # metrics, the paper's
+    assert row.startswith("| residual_addition | 0,1 |") and row.endswith("| 55.99 |"), table  # seeds, the paper's
+    assert row.count("±") == len(ablate.METRICS), table                                    # metrics
     assert families.count("±") >= 1, table                                            # alignment per family
     result = json.loads((out / "ablation.json").read_text())
     assert set(result["runs"]) == {"residual_addition"}

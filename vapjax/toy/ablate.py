@@ -94,7 +94,9 @@ def workdir_from_default(config, workdir: str, *, default: str = DEFAULT, per_co
 
 
 def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Sequence[int], steps: int, pairs: int,
-        sample_steps: int = 20, log=print) -> dict:
+        sample_steps: int = 20, cached_only: bool = False, log=print) -> dict:
+    """Trains and evaluates every (variant, seed) not yet cached under `out`, then writes the table;
+    `cached_only`: trains nothing, the table from the runs cached so far (each row says its seeds)."""
     work = os.path.abspath(workdir)
     paths = {s: os.path.join(work, s) for s in build.STAGES}
     paths["encode"] = os.path.join(work, "encoded.npz")
@@ -108,6 +110,8 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
             if os.path.exists(cached):
                 results[name][str(seed)] = json.load(open(cached))
                 continue
+            if cached_only:
+                continue
             cfg, params = build.train_expert(config, paths, model=VARIANTS[name], seed=seed, steps=steps,
                                              tag=f"{name}/{seed}")
             pipe = toy_pipeline(paths, cfg, params)
@@ -116,8 +120,11 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
             results[name][str(seed)] = {**r["overall"], "families": r["families"]}
             with open(cached, "w") as f:
                 json.dump(results[name][str(seed)], f)
+    results = {n: rs for n, rs in results.items() if rs}
+    if not results:
+        raise ValueError(f"no cached runs under {cache}")
     stats = lambda xs: (float(np.mean(xs)), float(np.std(xs)))  # noqa: E731
-    summary = {n: {**{m: stats([r[m] for r in rs.values()]) for m in METRICS},
+    summary = {n: {"seeds": sorted(int(k) for k in rs), **{m: stats([r[m] for r in rs.values()]) for m in METRICS},
                    "families": {f: stats([r["families"][f]["alignment"] for r in rs.values()])
                                 for f in world.FAMILIES if all(f in r["families"] for r in rs.values())}}
                for n, rs in results.items()}
@@ -132,12 +139,13 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
 
 
 def markdown(summary: dict, seeds, steps: int, pairs: int) -> str:
-    lines = [f"VAP-Toy ablation: held-out scenes, {pairs} pairs, seeds {', '.join(map(str, seeds))}, "
-             f"{steps} VAP steps per variant (mean ± std over seeds)", "",
-             "| variant | " + " | ".join(METRICS) + " | paper's alignment score (Tab. 2/7) |",
-             "|---|" + "---|" * (len(METRICS) + 1)]
+    lines = [f"VAP-Toy ablation: held-out scenes, {pairs} pairs, seeds {', '.join(map(str, seeds))} (each row: "
+             f"those it has), {steps} VAP steps per variant (mean ± std over seeds)", "",
+             "| variant | seeds | " + " | ".join(METRICS) + " | paper's alignment score (Tab. 2/7) |",
+             "|---|---|" + "---|" * (len(METRICS) + 1)]
     for n, m in summary.items():
-        lines.append(f"| {n} | " + " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in METRICS)
+        lines.append(f"| {n} | {','.join(map(str, m['seeds']))} | "
+                     + " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in METRICS)
                      + f" | {PAPER_ALIGNMENT.get(n, '')} |")
     families = [f for f in world.FAMILIES if all(f in m["families"] for m in summary.values())]
     lines += ["", "Alignment per family (mean ± std over seeds):", "",
@@ -191,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--pairs", type=int, default=72)
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per evaluated generation")
+    ap.add_argument("--cached-only", action="store_true", help="train nothing: the table from the cached runs")
     a = ap.parse_args(argv)
     compile_cache.enable()  # every seed of a variant compiles the same programs: later seeds load them
     import importlib.util  # noqa: PLC0415
@@ -212,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if bad:
             raise ValueError(f"unknown variant(s) {bad}; variants: {', '.join(VARIANTS)}")
         run(module.get_config(), a.workdir, a.out, variants=variants, seeds=[int(s) for s in a.seeds.split(",")],
-            steps=a.steps, pairs=a.pairs, sample_steps=a.sample_steps)
+            steps=a.steps, pairs=a.pairs, sample_steps=a.sample_steps, cached_only=a.cached_only)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
