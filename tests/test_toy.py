@@ -123,12 +123,16 @@ def test_sample_writes_reference_beside_generated(tmp_path):
 
 def test_evaluate_writes_table_and_plot(tmp_path, pipeline, oracle):
     summary = evaluate.run(str(TOY / "pipeline"), str(TOY / "oracle.npz"), str(tmp_path), splits=["unseen_conditions"],
-                           pairs=4, seeds=[0, 1], steps=2, log=lambda s: None)
+                           pairs=4, seeds=[0, 1], steps=2, ref_caption="stripped", log=lambda s: None)
     table = (tmp_path / "results.md").read_text()
     assert "| overall |" in table and "| style |" in table and "±" in table
     assert (tmp_path / "results.png").stat().st_size > 1000
-    runs = json.loads((tmp_path / "results.json").read_text())["runs"]["unseen_conditions"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["ref_caption"] == "stripped"
+    runs = results["runs"]["unseen_conditions"]
     assert set(runs) == {"0", "1"} and set(summary["unseen_conditions"]["overall"]) >= {"alignment", "sensitivity", "psnr"}
+    with pytest.raises(ValueError, match="ref_caption"):
+        evaluate.evaluate_split(pipeline, oracle, "unseen_conditions", 1, 0, ref_caption="none")
 
 
 def test_ablation_study_smoke(tmp_path):

@@ -266,8 +266,13 @@ def stage_backbone(c, paths, get_pool, writer) -> None:
     model, encoder = cogvideox.CogVideoXTransformer(cfg), t5.T5Encoder(t5cfg)
     k1, k2 = jax.random.split(jax.random.PRNGKey(c.seed))
     params = {"transformer": cogvideox.init_params(cfg, k1), "text_encoder": t5.init_params(t5cfg, k2)}
+    if c.backbone.init:  # continue from an earlier backbone stage (same architecture)
+        for name, kind in (("transformer", "cogvideox_transformer"), ("text_encoder", "t5_encoder")):
+            _, loaded = checkpoint.load(os.path.join(c.backbone.init, name), kind)
+            if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, params[name]):
+                raise ValueError(f"backbone.init {c.backbone.init}: its {name} does not match this config's")
+            params[name] = loaded
     alphas = DDIMSchedule.from_config(SCHEDULER).alphas_cumprod
-    tx, lr = _optimizer(c.backbone)
     empty = jnp.asarray(data["empty_ids"])
 
     def objective(p, batch, rng):
@@ -282,25 +287,33 @@ def stage_backbone(c, paths, get_pool, writer) -> None:
         t = training.cogvideox_timesteps(k_t, x0.shape[0], len(alphas))
         return training.cogvideox_loss(predict, x0, jax.random.normal(k_noise, x0.shape), t, alphas)
 
-    @jax.jit
-    def step(state, batch, rng):
-        loss, g = jax.value_and_grad(objective)(state.params, batch, jax.random.fold_in(rng, state.step))
-        u, opt = tx.update(g, state.opt_state, state.params)
-        return training.TrainState(state.step + 1, optax.apply_updates(state.params, u), opt), loss
+    done = 0
+    # Each phase: its own steps and learning rate, a fresh optimizer (warm-up, cosine) and the batch stream
+    # from its start, so that a later phase equals a later run with `init` = the earlier phases' result.
+    for phase in c.backbone.phases:
+        phase = SimpleNamespace(**{"warmup": c.backbone.warmup, **phase})
+        tx, _ = _optimizer(phase)
 
-    state = jax.device_put(training.init_state(params, tx), jax.local_devices()[0])  # committed: one compile
-    rng, key, t0, avg = np.random.default_rng(c.seed + 1), jax.random.PRNGKey(c.seed + 1), time.time(), []
-    for i in range(c.backbone.steps):
-        idx = rng.integers(0, len(data["ids"]), c.backbone.batch)
-        batch = {k: jnp.asarray(data[k][idx]) for k in ("latent_dist", "image_dist", "ids")}
-        state, loss = step(state, batch, key)
-        avg.append(float(loss))
-        if i % 100 == 0 or i == c.backbone.steps - 1:
-            log(f"backbone step {i}: loss {np.mean(avg):.4f} ({time.time() - t0:.0f}s)")
-            writer.add_scalar("backbone/loss", float(np.mean(avg)), i)
-            avg = []
-    checkpoint.save(os.path.join(paths["backbone"], "transformer"), state.params["transformer"], cfg)
-    checkpoint.save(os.path.join(paths["backbone"], "text_encoder"), state.params["text_encoder"], t5cfg)
+        @jax.jit
+        def step(state, batch, rng, tx=tx):
+            loss, g = jax.value_and_grad(objective)(state.params, batch, jax.random.fold_in(rng, state.step))
+            u, opt = tx.update(g, state.opt_state, state.params)
+            return training.TrainState(state.step + 1, optax.apply_updates(state.params, u), opt), loss
+
+        state = jax.device_put(training.init_state(params, tx), jax.local_devices()[0])  # committed: one compile
+        rng, key, t0, avg = np.random.default_rng(c.seed + 1), jax.random.PRNGKey(c.seed + 1), time.time(), []
+        for i in range(phase.steps):
+            idx = rng.integers(0, len(data["ids"]), c.backbone.batch)
+            batch = {k: jnp.asarray(data[k][idx]) for k in ("latent_dist", "image_dist", "ids")}
+            state, loss = step(state, batch, key)
+            avg.append(float(loss))
+            if i % 100 == 0 or i == phase.steps - 1:
+                log(f"backbone step {done + i}: loss {np.mean(avg):.4f} (lr {phase.lr:g}, {time.time() - t0:.0f}s)")
+                writer.add_scalar("backbone/loss", float(np.mean(avg)), done + i)
+                avg = []
+        params, done = state.params, done + phase.steps
+    checkpoint.save(os.path.join(paths["backbone"], "transformer"), params["transformer"], cfg)
+    checkpoint.save(os.path.join(paths["backbone"], "text_encoder"), params["text_encoder"], t5cfg)
 
 
 def expert_from_backbone(params: dict, cfg: cogvideox.CogVideoXConfig) -> dict:
@@ -344,6 +357,9 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
     assert jax.tree.map(lambda a: a.shape, params) == want, "initial parameters do not match the model's tree"
     text, stripped = text_embeddings(t5cfg, t5params, data["ids"]), text_embeddings(t5cfg, t5params, data["ids_stripped"])
     empty = jnp.asarray(text_embeddings(t5cfg, t5params, data["empty_ids"])[0])
+    # "stripped": the reference caption loses its effect words too, so only the reference *video* can
+    # carry the semantics (with "full" the expert can learn to read the caption instead of the video).
+    ref_captions = {"full": text, "stripped": stripped}[c.expert.ref_caption]
     alphas = DDIMSchedule.from_config(SCHEDULER).alphas_cumprod
     objective = training.cogvideox_objective(cogvideox.CogVideoXTransformer(cfg), alphas,
                                              scaling_factor=vcfg.scaling_factor,
@@ -363,7 +379,7 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
         ref = np.array([rng.choice(by_condition[conds[j]][by_condition[conds[j]] != j]) for j in tgt])
         batch = dict(latent_dist=data["latent_dist"][tgt], image_dist=data["image_dist"][tgt],
                      ref_latent_dist=data["latent_dist"][ref][:, None], ref_image_dist=data["image_dist"][ref][:, None],
-                     text=stripped[tgt], ref_text=text[ref][:, None])
+                     text=stripped[tgt], ref_text=ref_captions[ref][:, None])
         state, metrics = step(state, frozen, jax.tree.map(jnp.asarray, batch), key, empty)
         avg.append(float(metrics["loss"]))
         if i % 100 == 0 or i == steps - 1:

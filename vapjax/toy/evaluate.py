@@ -110,15 +110,25 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
+REF_CAPTIONS = ("full", "stripped")
+
+
 def evaluate_split(pipe: CogVideoXVAP, oracle: Oracle, split: str, n: int, seed: int, *, steps: int = 20,
-                   sensitivity: bool = True, backbone_alone: bool = True, log=print) -> dict:
-    """Metrics of one split and seed: overall and per family, plus the per-pair readings."""
+                   sensitivity: bool = True, backbone_alone: bool = True, ref_caption: str = "full",
+                   log=print) -> dict:
+    """Metrics of one split and seed: overall and per family, plus the per-pair readings.
+    `ref_caption`: "full" gives the reference its caption naming the effect (as VAP-Data's do); "stripped"
+    removes those words too, so that only the reference *video* can carry the semantics."""
+    if ref_caption not in REF_CAPTIONS:
+        raise ValueError(f"unknown ref_caption {ref_caption!r}; known: {', '.join(REF_CAPTIONS)}")
     t0 = time.time()
     ps = world.pairs(split, n, seed)
     conds = [p.condition for p in ps]
     targets = np.stack([p.target_clip() for p in ps])
     refs = np.stack([p.reference_clip() for p in ps])
     ref_caps, tgt_caps = zip(*(p.captions(strip_effect=True) for p in ps))
+    if ref_caption == "stripped":
+        ref_caps = [world.caption(p.reference, p.condition, strip_effect=True) for p in ps]
     images = targets[:, 0]
     vap = generate(pipe, images, tgt_caps, refs, ref_caps, steps=steps, seed=seed)
     read = {"vap": oracle.read(vap), "reference": oracle.read(refs)}
@@ -207,17 +217,19 @@ def plot(summary: dict, path: str) -> None:
 
 
 def run(pipeline: str, oracle_path: str, out: str, *, splits: Sequence[str], pairs: int, seeds: Sequence[int],
-        steps: int = 20, unseen_pairs: int | None = None, log=print) -> dict:
+        steps: int = 20, unseen_pairs: int | None = None, ref_caption: str = "full", log=print) -> dict:
     pipe = CogVideoXVAP.load(pipeline)
     oracle = Oracle.load(oracle_path)
     results = {}
     for split in splits:
         n = unseen_pairs if (split == "unseen_conditions" and unseen_pairs) else pairs
-        results[split] = {str(s): evaluate_split(pipe, oracle, split, n, s, steps=steps, log=log) for s in seeds}
+        results[split] = {str(s): evaluate_split(pipe, oracle, split, n, s, steps=steps, ref_caption=ref_caption,
+                                                      log=log) for s in seeds}
     summary = summarise(results)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"summary": summary, "runs": results, "pairs_per_split": pairs, "steps": steps}, f, indent=1)
+        json.dump({"summary": summary, "runs": results, "pairs_per_split": pairs, "steps": steps,
+                   "ref_caption": ref_caption}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(summary, results))
     plot(summary, os.path.join(out, "results.png"))
@@ -236,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--unseen-pairs", type=int, default=None, help="pairs for unseen_conditions (default --pairs)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    ap.add_argument("--ref-caption", default="full", choices=REF_CAPTIONS,
+                    help="the reference's caption: full (names its effect) or stripped (the video alone)")
     a = ap.parse_args(argv)
     try:
         splits = [s for s in a.splits.split(",") if s]
@@ -243,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if bad:
             raise ValueError(f"unknown split(s) {bad}; splits: {', '.join(world.SPLITS)}")
         run(a.pipeline, a.oracle, a.out, splits=splits, pairs=a.pairs, seeds=[int(s) for s in a.seeds.split(",")],
-            steps=a.steps, unseen_pairs=a.unseen_pairs)
+            steps=a.steps, unseen_pairs=a.unseen_pairs, ref_caption=a.ref_caption)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
