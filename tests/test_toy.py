@@ -57,6 +57,8 @@ def test_captions_name_the_effect_unless_stripped():
     assert ref.endswith("The camera zooms in.") and tgt.endswith("The camera zooms in.")
     ref, stripped = p.captions(strip_effect=True)
     assert ref.endswith("The camera zooms in.") and "zoom" not in stripped and stripped == world.describe(p.target)
+    ref, _ = p.captions(strip_effect=True, strip_reference=True)
+    assert ref == world.describe(p.reference)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -359,6 +359,8 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
     empty = jnp.asarray(text_embeddings(t5cfg, t5params, data["empty_ids"])[0])
     # "stripped": the reference caption loses its effect words too, so only the reference *video* can
     # carry the semantics (with "full" the expert can learn to read the caption instead of the video).
+    if c.expert.ref_caption not in ("full", "stripped"):
+        raise ValueError(f"expert.ref_caption must be 'full' or 'stripped', got {c.expert.ref_caption!r}")
     ref_captions = {"full": text, "stripped": stripped}[c.expert.ref_caption]
     alphas = DDIMSchedule.from_config(SCHEDULER).alphas_cumprod
     objective = training.cogvideox_objective(cogvideox.CogVideoXTransformer(cfg), alphas,

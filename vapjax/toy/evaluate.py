@@ -126,9 +126,7 @@ def evaluate_split(pipe: CogVideoXVAP, oracle: Oracle, split: str, n: int, seed:
     conds = [p.condition for p in ps]
     targets = np.stack([p.target_clip() for p in ps])
     refs = np.stack([p.reference_clip() for p in ps])
-    ref_caps, tgt_caps = zip(*(p.captions(strip_effect=True) for p in ps))
-    if ref_caption == "stripped":
-        ref_caps = [world.caption(p.reference, p.condition, strip_effect=True) for p in ps]
+    ref_caps, tgt_caps = zip(*(p.captions(strip_effect=True, strip_reference=ref_caption == "stripped") for p in ps))
     images = targets[:, 0]
     vap = generate(pipe, images, tgt_caps, refs, ref_caps, steps=steps, seed=seed)
     read = {"vap": oracle.read(vap), "reference": oracle.read(refs)}

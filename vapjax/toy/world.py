@@ -342,9 +342,11 @@ class Pair:
     def target_clip(self, **kw) -> np.ndarray:
         return render(self.target, self.condition, seed=self.target_seed, **kw)
 
-    def captions(self, strip_effect: bool = False) -> tuple[str, str]:
-        """(reference caption, target caption); the reference's always names the effect."""
-        return caption(self.reference, self.condition), caption(self.target, self.condition, strip_effect)
+    def captions(self, strip_effect: bool = False, strip_reference: bool = False) -> tuple[str, str]:
+        """(reference caption, target caption): `strip_effect` drops the effect words from the target's,
+        `strip_reference` from the reference's (then only the reference video can carry the semantics)."""
+        return (caption(self.reference, self.condition, strip_reference),
+                caption(self.target, self.condition, strip_effect))
 
 
 SPLITS = {  # name -> (scene split, conditions)
