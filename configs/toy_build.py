@@ -27,13 +27,14 @@ def get_config():
                                                     feed_forward_proj="gated-gelu"))
     c.transformer = ml_collections.ConfigDict(dict(
         num_heads=3, head_dim=32, time_embed_dim=64, num_layers=4, max_text_seq_length=32))
-    # phases: each a fresh optimizer (warm-up, cosine to lr/20); init: a backbone folder to continue from
-    # (its transformer/ and text_encoder/), or "" (random init). The shipped default: one phase. A longer
-    # backbone (README, VAP-Toy, "what was tried"):
-    #   --config.backbone.phases="({'steps': 1500, 'lr': 1e-3}, {'steps': 5000, 'lr': 5e-4})"
-    c.backbone = ml_collections.ConfigDict(dict(batch=16, warmup=100, init="", phases=(dict(steps=1500, lr=1e-3),)))
-    # ref_caption: "full" (the reference caption names its effect, as VAP-Data's do) or "stripped" (only
-    # the reference video carries the semantics).
-    c.expert = ml_collections.ConfigDict(dict(steps=1000, batch=16, lr=5e-4, warmup=100, caption_dropout=0.1,
-                                              ref_caption="full"))
+    # phases: each a fresh optimizer and batch stream (warm-up, then constant lr); init: a backbone folder
+    # to continue from (its transformer/ and text_encoder/), or "" (random init). A run with init = the
+    # result of the first phase and only the second phase gives the same backbone.
+    c.backbone = ml_collections.ConfigDict(dict(batch=16, warmup=100, init="",
+                                                phases=(dict(steps=1500, lr=1e-3), dict(steps=5000, lr=5e-4))))
+    # ref_caption: "stripped" (the reference caption loses its effect words too, so only the reference
+    # video carries the semantics: the shipped default) or "full" (it names its effect, as VAP-Data's do;
+    # an expert trained so learns to read the caption rather than the video, README).
+    c.expert = ml_collections.ConfigDict(dict(steps=3000, batch=16, lr=5e-4, warmup=100, caption_dropout=0.1,
+                                              ref_caption="stripped"))
     return c

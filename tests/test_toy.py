@@ -91,19 +91,22 @@ def pipeline():
 
 
 def test_shipped_default_transfers_semantics(pipeline, oracle):
-    """A fixed evaluation subset: one held-out-scene pair per seen condition. The reference carries the
-    semantics (alignment), the output follows a swapped reference (sensitivity), and the frozen backbone
-    alone, with the effect words stripped, does not. Thresholds: see the measured numbers in the README."""
-    r = evaluate.evaluate_split(pipeline, oracle, "heldout_scenes", len(world.SEEN), seed=0, log=lambda s: None)
+    """A fixed evaluation subset: two held-out-scene pairs per seen condition, both captions stripped of
+    their effect words, so that only the reference *video* can carry the semantics. The output reads as
+    the reference's condition (alignment), follows a swapped reference (sensitivity), and the frozen
+    backbone alone does not. Thresholds: see the measured numbers in the README."""
+    r = evaluate.evaluate_split(pipeline, oracle, "heldout_scenes", 2 * len(world.SEEN), seed=0,
+                                ref_caption="stripped", log=lambda s: None)
     m, style = r["overall"], r["families"]["style"]
     chance = 1 / len(world.SEEN)
     assert m["oracle_on_reference"] >= 0.95, m
-    # Measured on this subset: alignment 4/18 and sensitivity 4/18 overall (chance 1/18), the backbone
-    # alone 0/18; style 4/4. The issue's 0.8 targets are NOT met (README, VAP-Toy): motion, camera and
-    # concept do not transfer yet. The bars below fail for a model that ignores its reference.
-    assert m["alignment"] >= 3 * chance and m["sensitivity"] >= 2 * chance, m
-    assert m["backbone"] <= 2 * chance, m
-    assert style["alignment"] >= 0.75 and style["backbone"] <= 0.25, style
+    # Measured on this subset: alignment 6/36, sensitivity 8/36, the backbone alone 1/36 (chance 2/36);
+    # style 3/8 against 0/8. Over 200 pairs x 3 seeds: 0.222 / 0.217 / 0.053 (README). The issue's 0.8
+    # targets are NOT met (README, VAP-Toy): motion and concept do not transfer yet. The bars below fail
+    # for a model that ignores its reference video.
+    assert m["alignment"] >= 2 * chance and m["sensitivity"] >= 2 * chance, m
+    assert m["backbone"] <= 2 * chance and m["alignment"] - m["backbone"] >= 2 * chance, m
+    assert style["alignment"] >= 0.25 and style["backbone"] <= 0.25 * style["alignment"], style
     assert m["first_frame_psnr"] >= 18, m  # the output starts from the given image (VAE round trip ≈ 20 dB)
 
 
@@ -135,6 +138,27 @@ def test_evaluate_writes_table_and_plot(tmp_path, pipeline, oracle):
     assert set(runs) == {"0", "1"} and set(summary["unseen_conditions"]["overall"]) >= {"alignment", "sensitivity", "psnr"}
     with pytest.raises(ValueError, match="ref_caption"):
         evaluate.evaluate_split(pipeline, oracle, "unseen_conditions", 1, 0, ref_caption="none")
+
+
+def test_diagnose_the_shipped_default(tmp_path, capsys):
+    """`python -m vapjax.toy.diagnose`, in process, on a workdir made from the shipped default (2 clips per
+    condition): at high noise the right reference lowers the training loss below no reference and below
+    a wrong one (the expert reads the video; measured 0.037 / 0.110 / 0.130 over 96 pairs), the backbone
+    reads its full caption, and a sample starts from its image where the still video is exact."""
+    from vapjax.toy import diagnose
+    work, out = tmp_path / "work", tmp_path / "out"
+    diagnose.main(["--from-default", "--config", str(ROOT / "configs" / "toy_build.py"), "--workdir", str(work),
+                   "--out", str(out), "--pool", "2", "--pairs", "32", "--clips", "8", "--sample-steps", "2"])
+    assert "### Reference gain" in capsys.readouterr().out
+    result = json.loads((out / "diagnose.json").read_text())
+    high = result["reference_gain"]["700-1000"]
+    assert high["right"] < 0.7 * high["none"] and high["right"] < 0.7 * high["wrong"], high
+    assert high["backbone_full_caption"] < 0.7 * high["none"], high
+    for family in result["rendering"].values():
+        assert family["still"][0] == 0 and family["sample"][0] < 0.05, family  # frame 0 is the given image
+    with pytest.raises(SystemExit) as bad:
+        diagnose.main(["--workdir", str(tmp_path / "nothing")])
+    assert bad.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
 def test_ablation_study_smoke(tmp_path):

@@ -51,6 +51,9 @@ PAPER_ORDERINGS = (("mot", "single_branch_lora", "single_branch", "unidirectiona
                    ("mot", "rope_shifted_tw", "rope_identical"),
                    ("mot", "experts_odd"))
 METRICS = ("alignment", "sensitivity", "psnr")
+# The study's reference captions (training and evaluation): they name the effect, as VAP-Data's do; the
+# table in docs/ablations.md was measured so.
+STUDY_REF_CAPTION = "full"
 
 
 def toy_pipeline(paths: dict, cfg, params) -> CogVideoXVAP:
@@ -100,6 +103,8 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
     work = os.path.abspath(workdir)
     paths = {s: os.path.join(work, s) for s in build.STAGES}
     paths["encode"] = os.path.join(work, "encoded.npz")
+    study_config = config.copy_and_resolve_references()
+    study_config.expert.ref_caption = STUDY_REF_CAPTION
     oracle = Oracle.load(os.path.join(work, "oracle.npz"))
     results: dict = {n: {} for n in variants}
     cache = os.path.join(out, "runs", f"steps{steps}_pairs{pairs}_sample{sample_steps}")
@@ -112,11 +117,11 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
                 continue
             if cached_only:
                 continue
-            cfg, params = build.train_expert(config, paths, model=VARIANTS[name], seed=seed, steps=steps,
+            cfg, params = build.train_expert(study_config, paths, model=VARIANTS[name], seed=seed, steps=steps,
                                              tag=f"{name}/{seed}")
             pipe = toy_pipeline(paths, cfg, params)
             r = evaluate.evaluate_split(pipe, oracle, "heldout_scenes", pairs, seed, steps=sample_steps,
-                                        backbone_alone=False, log=log)
+                                        backbone_alone=False, ref_caption=STUDY_REF_CAPTION, log=log)
             results[name][str(seed)] = {**r["overall"], "families": r["families"]}
             with open(cached, "w") as f:
                 json.dump(results[name][str(seed)], f)
@@ -202,17 +207,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--cached-only", action="store_true", help="train nothing: the table from the cached runs")
     a = ap.parse_args(argv)
     compile_cache.enable()  # every seed of a variant compiles the same programs: later seeds load them
-    import importlib.util  # noqa: PLC0415
-    spec = importlib.util.spec_from_file_location("toy_build_config", a.config)
-    module = importlib.util.module_from_spec(spec)
     try:
-        if spec.loader is None or not os.path.isfile(a.config):
-            raise FileNotFoundError(f"{a.config}: no such config file")
-        spec.loader.exec_module(module)
+        config = build.load_config(a.config)
         if a.from_default:
             if a.pool < 2:
                 raise ValueError(f"--pool {a.pool}: a training pair is one condition on two scenes, so at least 2")
-            workdir_from_default(module.get_config(), a.workdir, per_condition=a.pool)
+            workdir_from_default(config, a.workdir, per_condition=a.pool)
         elif not os.path.exists(os.path.join(a.workdir, "encoded.npz")):
             raise FileNotFoundError(f"{a.workdir}: not a toy build workdir (python -m vapjax.toy.build), "
                                     "or pass --from-default")
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bad = [v for v in variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"unknown variant(s) {bad}; variants: {', '.join(VARIANTS)}")
-        run(module.get_config(), a.workdir, a.out, variants=variants, seeds=[int(s) for s in a.seeds.split(",")],
+        run(config, a.workdir, a.out, variants=variants, seeds=[int(s) for s in a.seeds.split(",")],
             steps=a.steps, pairs=a.pairs, sample_steps=a.sample_steps, cached_only=a.cached_only)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

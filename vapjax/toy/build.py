@@ -10,8 +10,9 @@ Stages (each writes its result to the workdir, and a later run skips what is don
   encode     the training pool (seen conditions on training scenes) through the VAE
   backbone   a tiny CogVideoX-I2V (and its T5) pretrained on toy image-to-video with full captions
   expert     the VAP expert: backbone frozen, expert initialised as its copy (the paper's recipe),
-             trained on pairs by `vapjax.training` with the target caption's effect words stripped,
-             so only the reference video can carry the semantics
+             trained on pairs by `vapjax.training` with the effect words stripped from the target
+             caption and (expert.ref_caption "stripped", the default) from the reference caption, so
+             only the reference video can carry the semantics
   export     the converted pipeline folder + oracle, read by `configs/toy_vap.py`
 Progress goes to TensorBoard under <workdir>/tb.
 """
@@ -288,7 +289,7 @@ def stage_backbone(c, paths, get_pool, writer) -> None:
         return training.cogvideox_loss(predict, x0, jax.random.normal(k_noise, x0.shape), t, alphas)
 
     done = 0
-    # Each phase: its own steps and learning rate, a fresh optimizer (warm-up, cosine) and the batch stream
+    # Each phase: its own steps and learning rate, a fresh optimizer (warm-up, then constant) and the batch stream
     # from its start, so that a later phase equals a later run with `init` = the earlier phases' result.
     for phase in c.backbone.phases:
         phase = SimpleNamespace(**{"warmup": c.backbone.warmup, **phase})
@@ -335,8 +336,8 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
                  writer: Writer | None = None, tag: str = "expert") -> tuple[cogvideox.CogVideoXConfig, dict]:
     """VAP on the toy backbone: the backbone (and T5) frozen, the expert on every layer initialised as the
     backbone's copy, trained by vapjax.training's step and CogVideoX objective on pairs (one condition on
-    two training scenes); the target caption has its effect words stripped, the reference caption keeps
-    them. `model` overrides model config fields (the ablation switches of vapjax.models.cogvideox); the
+    two training scenes); the target caption has its effect words stripped, the reference caption too
+    where `c.expert.ref_caption` is "stripped". `model` overrides model config fields (the ablation switches of vapjax.models.cogvideox); the
     trainable set is the expert and LoRA partitions plus what the structure unfreezes."""
     data = dict(np.load(paths["encode"]))
     vcfg, _ = checkpoint.load(paths["vae"], "cogvideox_vae")
@@ -397,17 +398,19 @@ def stage_expert(c, paths, get_pool, writer) -> None:
     checkpoint.save(os.path.join(paths["expert"], "transformer"), params, cfg)
 
 
-def write_demo(out: str, condition: str, seed: int) -> None:
+def write_demo(out: str, condition: str, seed: int, ref_caption: str = "full") -> None:
     """The bundled demo: a held-out-scene target image, a reference clip of `condition` on another scene,
-    and their captions (the target's stripped of its effect words), read by configs/toy_vap.py."""
+    and their captions (the target's stripped of its effect words; the reference's too where the expert
+    was trained with `ref_caption` "stripped"), read by configs/toy_vap.py."""
     from vapjax import video  # noqa: PLC0415
     pair = world.pairs("heldout_scenes", 1, seed, conditions=[condition])[0]
-    ref_caption, caption = pair.captions(strip_effect=True)
+    ref_prompt, caption = pair.captions(strip_effect=True, strip_reference=ref_caption == "stripped")
     video.write_video(os.path.join(out, "reference.mp4"), pair.reference_clip(), fps=8, quality=10)
     from PIL import Image  # noqa: PLC0415
     Image.fromarray(pair.target_clip()[0]).save(os.path.join(out, "image.png"))
     with open(os.path.join(out, "demo.json"), "w") as f:
-        json.dump({"condition": condition, "prompt": caption, "ref_prompt": ref_caption}, f, indent=1)
+        json.dump({"condition": condition, "prompt": caption, "ref_prompt": ref_prompt, "ref_caption": ref_caption},
+                  f, indent=1)
 
 
 def stage_export(c, paths, get_pool, writer) -> None:
@@ -427,7 +430,7 @@ def stage_export(c, paths, get_pool, writer) -> None:
         json.dump({"vapjax_pipeline": "CogVideoXImageToVideoMOTPipeline",
                    "components": ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]}, f, indent=1)
     shutil.copy(paths["oracle"], os.path.join(out, "oracle.npz"))
-    write_demo(out, c.demo_condition, c.seed)
+    write_demo(out, c.demo_condition, c.seed, c.expert.ref_caption)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     log(f"export: {out} ({size / 2 ** 20:.1f} MiB)")
 
@@ -435,6 +438,17 @@ def stage_export(c, paths, get_pool, writer) -> None:
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
+
+def load_config(path: str):
+    """The ConfigDict of a build config file (configs/toy_build.py), for the tools that take `--config`."""
+    import importlib.util  # noqa: PLC0415
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file")
+    spec = importlib.util.spec_from_file_location("toy_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
 
 def _done(path: str) -> bool:
     return os.path.exists(path)

@@ -3,8 +3,8 @@
     python evaluate.py --pipeline vapjax/assets/toy/pipeline --out eval/toy --pairs 200 --seeds 0,1,2
 
 For every pair of a split (one condition on two scenes), the model animates the target's first frame
-with the target caption *stripped of its effect words*, so only the reference video can carry the
-semantics. The oracle (`vapjax.toy.oracle`) reads the condition of each output:
+with the target caption *stripped of its effect words*, and by default (`--ref-caption stripped`) the
+reference caption too, so only the reference video can carry the semantics. The oracle (`vapjax.toy.oracle`) reads the condition of each output:
   alignment    VAP's output reads as the reference's condition
   backbone     the frozen backbone alone (no reference), same image and stripped caption: near chance
                (1 / #conditions) if the caption carries no semantics
@@ -114,7 +114,7 @@ REF_CAPTIONS = ("full", "stripped")
 
 
 def evaluate_split(pipe: CogVideoXVAP, oracle: Oracle, split: str, n: int, seed: int, *, steps: int = 20,
-                   sensitivity: bool = True, backbone_alone: bool = True, ref_caption: str = "full",
+                   sensitivity: bool = True, backbone_alone: bool = True, ref_caption: str = "stripped",
                    log=print) -> dict:
     """Metrics of one split and seed: overall and per family, plus the per-pair readings.
     `ref_caption`: "full" gives the reference its caption naming the effect (as VAP-Data's do); "stripped"
@@ -215,7 +215,7 @@ def plot(summary: dict, path: str) -> None:
 
 
 def run(pipeline: str, oracle_path: str, out: str, *, splits: Sequence[str], pairs: int, seeds: Sequence[int],
-        steps: int = 20, unseen_pairs: int | None = None, ref_caption: str = "full", log=print) -> dict:
+        steps: int = 20, unseen_pairs: int | None = None, ref_caption: str = "stripped", log=print) -> dict:
     pipe = CogVideoXVAP.load(pipeline)
     oracle = Oracle.load(oracle_path)
     results = {}
@@ -246,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--unseen-pairs", type=int, default=None, help="pairs for unseen_conditions (default --pairs)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    ap.add_argument("--ref-caption", default="full", choices=REF_CAPTIONS,
-                    help="the reference's caption: full (names its effect) or stripped (the video alone)")
+    ap.add_argument("--ref-caption", default="stripped", choices=REF_CAPTIONS,
+                    help="the reference's caption: stripped (the video alone carries the semantics; the shipped "
+                         "default's training) or full (it names its effect)")
     a = ap.parse_args(argv)
     try:
         splits = [s for s in a.splits.split(",") if s]
