@@ -332,13 +332,20 @@ def text_embeddings(t5cfg, t5params, ids: np.ndarray, batch: int = 256) -> np.nd
     return np.concatenate([np.asarray(enc(t5params, jnp.asarray(ids[i:i + batch]))) for i in range(0, len(ids), batch)])
 
 
+def same_condition_references(conditions: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each target clip index, another pool clip of the same condition: a VAP training pair."""
+    by_condition = [np.flatnonzero(conditions == k) for k in range(conditions.max() + 1)]
+    return np.array([rng.choice(by_condition[conditions[j]][by_condition[conditions[j]] != j]) for j in targets])
+
+
 def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None, steps: int | None = None,
                  writer: Writer | None = None, tag: str = "expert") -> tuple[cogvideox.CogVideoXConfig, dict]:
     """VAP on the toy backbone: the backbone (and T5) frozen, the expert on every layer initialised as the
     backbone's copy, trained by vapjax.training's step and CogVideoX objective on pairs (one condition on
     two training scenes); the target caption has its effect words stripped, the reference caption too
-    where `c.expert.ref_caption` is "stripped". `model` overrides model config fields (the ablation switches of vapjax.models.cogvideox); the
-    trainable set is the expert and LoRA partitions plus what the structure unfreezes."""
+    where `c.expert.ref_caption` is "stripped". `model` overrides model config fields (the ablation
+    switches of vapjax.models.cogvideox); the trainable set is the expert and LoRA partitions plus what
+    the structure unfreezes."""
     data = dict(np.load(paths["encode"]))
     vcfg, _ = checkpoint.load(paths["vae"], "cogvideox_vae")
     bcfg, bparams = checkpoint.load(os.path.join(paths["backbone"], "transformer"), "cogvideox_transformer")
@@ -360,8 +367,8 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
     empty = jnp.asarray(text_embeddings(t5cfg, t5params, data["empty_ids"])[0])
     # "stripped": the reference caption loses its effect words too, so only the reference *video* can
     # carry the semantics (with "full" the expert can learn to read the caption instead of the video).
-    if c.expert.ref_caption not in ("full", "stripped"):
-        raise ValueError(f"expert.ref_caption must be 'full' or 'stripped', got {c.expert.ref_caption!r}")
+    if c.expert.ref_caption not in evaluate.REF_CAPTIONS:
+        raise ValueError(f"expert.ref_caption must be one of {evaluate.REF_CAPTIONS}, got {c.expert.ref_caption!r}")
     ref_captions = {"full": text, "stripped": stripped}[c.expert.ref_caption]
     alphas = DDIMSchedule.from_config(SCHEDULER).alphas_cumprod
     objective = training.cogvideox_objective(cogvideox.CogVideoXTransformer(cfg), alphas,
@@ -373,13 +380,12 @@ def train_expert(c, paths, *, model: dict | None = None, seed: int | None = None
     state, frozen = jax.device_put((training.init_state(trainable, tx), frozen), jax.local_devices()[0])
     step = jax.jit(training.make_train_step(objective, tx, lr))
     conds = data["conditions"]
-    by_condition = [np.flatnonzero(conds == k) for k in range(conds.max() + 1)]
     seed = c.seed if seed is None else seed
     rng, key, t0, avg = np.random.default_rng(seed + 2), jax.random.PRNGKey(seed + 2), time.time(), []
     steps = c.expert.steps if steps is None else steps
     for i in range(steps):
         tgt = rng.integers(0, len(conds), c.expert.batch)
-        ref = np.array([rng.choice(by_condition[conds[j]][by_condition[conds[j]] != j]) for j in tgt])
+        ref = same_condition_references(conds, tgt, rng)
         batch = dict(latent_dist=data["latent_dist"][tgt], image_dist=data["image_dist"][tgt],
                      ref_latent_dist=data["latent_dist"][ref][:, None], ref_image_dist=data["image_dist"][ref][:, None],
                      text=stripped[tgt], ref_text=ref_captions[ref][:, None])

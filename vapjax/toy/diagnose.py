@@ -51,12 +51,11 @@ def reference_gain(data, vcfg, cfg, params, text, *, pairs: int, seed: int = 0) 
     model = cogvideox.CogVideoXTransformer(cfg)
     alphas = sampling.DDIMSchedule.from_config(build.SCHEDULER).alphas_cumprod
     conds = data["conditions"]
-    by = [np.flatnonzero(conds == k) for k in range(conds.max() + 1)]
-    if min(len(b) for b in by) < 2:
+    if np.bincount(conds).min() < 2:
         raise ValueError("the pool needs at least 2 clips per condition (a pair is one condition on two scenes)")
     rng = np.random.default_rng(seed)
     tgt = rng.integers(0, len(conds), pairs)
-    right = np.array([rng.choice(by[conds[j]][by[conds[j]] != j]) for j in tgt])
+    right = build.same_condition_references(conds, tgt, rng)
     wrong = np.array([rng.choice(np.flatnonzero(conds != conds[j])) for j in tgt])
     empty = jnp.asarray(text["empty_ids"][0])
 

@@ -4,7 +4,8 @@
 
 For every pair of a split (one condition on two scenes), the model animates the target's first frame
 with the target caption *stripped of its effect words*, and by default (`--ref-caption stripped`) the
-reference caption too, so only the reference video can carry the semantics. The oracle (`vapjax.toy.oracle`) reads the condition of each output:
+reference caption too, so only the reference video can carry the semantics. The oracle
+(`vapjax.toy.oracle`) reads the condition of each output:
   alignment    VAP's output reads as the reference's condition
   backbone     the frozen backbone alone (no reference), same image and stripped caption: near chance
                (1 / #conditions) if the caption carries no semantics
