@@ -1,4 +1,5 @@
 """VAP-Toy: the world, the oracle, the shipped trained default, sample.py's toy demo and evaluate.py."""
+import hashlib
 import json
 import os
 import subprocess
@@ -61,6 +62,136 @@ def test_captions_name_the_effect_unless_stripped():
     assert ref == world.describe(p.reference)
 
 
+def test_training_scenes_show_no_heldout_combination():
+    """Not as the main sprite, nor as the second one (before: 7 % of training scenes did); every held-out
+    combination still occurs in held-out scenes, second sprites included."""
+    rng = np.random.default_rng(5)
+    scenes = [world.sample_scene(rng, "train") for _ in range(3000)]
+    shown = {(sp.shape, sp.colour, sc.background) for sc in scenes for sp in sc.sprites}
+    assert sum(len(sc.sprites) == 2 for sc in scenes) > 800
+    assert not any(world.is_heldout_combo(*c) for c in shown)
+    assert len(shown) == sum(not world.is_heldout_combo(s, c, b) for s in world.SHAPES for c in world.COLOURS
+                             for b in world.BACKGROUNDS)  # and every training combination is shown
+
+
+def test_heldout_split_is_the_one_the_default_was_measured_on():
+    """The held-out pairs (scenes, seeds, conditions) are pinned: the README's numbers were measured on them."""
+    digest = hashlib.sha256()
+    for split, n in (("heldout_scenes", 200), ("unseen_conditions", 72)):
+        for seed in (0, 1, 2):
+            digest.update(repr(world.pairs(split, n, seed)).encode())
+    assert digest.hexdigest()[:16] == "eb4d52d69ac19b15"
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics, on hand-built readings
+# ---------------------------------------------------------------------------------------------
+
+def test_paired_sensitivity_needs_both_outputs_right_and_counts_under_the_family_of_a():
+    a = ["move_left", "invert", "zoom_in", "morph", "spin"]
+    b = ["invert", "move_left", "morph", "zoom_in", "sepia"]
+    read_a = ["move_left", "invert", "pan_left", "morph", "spin"]   # A right except for zoom_in
+    read_b = ["move_left", "move_left", "morph", "zoom_in", "sepia"]  # B wrong for the first pair only
+    hits = evaluate.paired_sensitivity(a, read_a, b, read_b)
+    np.testing.assert_array_equal(hits, [False, True, False, True, True])  # A right, B wrong: 0; both: 1
+    grouped = evaluate.group_by_family({"paired_sensitivity": hits}, a)
+    assert grouped["overall"]["paired_sensitivity"] == pytest.approx(0.6)
+    by_family = {f: m["paired_sensitivity"] for f, m in grouped["families"].items()}
+    # Under A's family; under B's it would read motion 1, style 0.5, concept 0, camera 1.
+    assert by_family == {"motion": 0.5, "style": 1.0, "camera": 0.0, "concept": 1.0}
+
+
+@pytest.mark.parametrize("split", ["heldout_scenes", "unseen_conditions"])
+def test_the_swapped_reference_is_of_another_family(split):
+    candidates = world.SPLITS[split][1]
+    conds = [p.condition for p in world.pairs(split, 200, 0)]
+    swapped = evaluate.swap_conditions(conds, candidates, seed=0)
+    assert len(swapped) == len(conds) and set(swapped) <= set(candidates)
+    assert all(world.CONDITIONS[x].family != world.CONDITIONS[y].family for x, y in zip(conds, swapped))
+    for fam in world.FAMILIES:  # drawn: every other family's conditions turn up
+        drawn = {world.CONDITIONS[y].family for x, y in zip(conds, swapped) if world.CONDITIONS[x].family == fam}
+        assert drawn == set(world.FAMILIES) - {fam}, (fam, drawn)
+    assert evaluate.swap_conditions(conds, candidates, seed=0) == swapped
+    assert evaluate.swap_conditions(conds, candidates, seed=1) != swapped
+    with pytest.raises(ValueError, match="another family"):
+        evaluate.swap_conditions(["spin"], ["move_left", "bounce"], seed=0)
+
+
+def test_confusion_counts_truth_against_reading():
+    truth = ["spin", "spin", "invert", "morph", "spin"]
+    read = ["spin", "morph", "invert", "morph", "morph"]
+    counts = evaluate.confusion(truth, read)
+    labels = list(world.CONDITIONS)
+    at = lambda t, r: counts[labels.index(t), labels.index(r)]  # noqa: E731
+    assert counts.shape == (len(labels), len(labels)) and counts.sum() == 5
+    assert (at("spin", "spin"), at("spin", "morph"), at("invert", "invert"), at("morph", "morph")) == (1, 2, 1, 1)
+    assert at("morph", "spin") == 0 and np.trace(counts) == 3
+
+
+class _FakeOracle:
+    """Reads every clip world.render drew as its condition (recorded by `record`), anything else as
+    move_down, which is never the truth on held-out scenes."""
+
+    def __init__(self, monkeypatch):
+        self.seen, render = {}, world.render
+
+        def record(scene, condition, **kw):
+            clip = render(scene, condition, **kw)
+            self.seen[clip.tobytes()] = condition
+            return clip
+        monkeypatch.setattr(world, "render", record)
+
+    def read(self, clips):
+        return [self.seen.get(np.asarray(c).tobytes(), "move_down") for c in clips]
+
+
+def test_evaluate_split_on_fake_models(monkeypatch, tmp_path):
+    """evaluate_split's wiring with the generator replaced: a model that outputs its reference video
+    where the reference shows a camera or style condition (else a still video), and one that ignores
+    its reference (it repeats what its first references showed)."""
+    oracle = _FakeOracle(monkeypatch)
+    still = lambda images: np.repeat(images[:, None], world.FRAMES, axis=1)  # noqa: E731
+    transfers = {"camera", "style"}
+
+    def partial_copy(pipe, images, prompts, ref_clips=None, ref_prompts=None, **kw):
+        if ref_clips is None:
+            return still(images)
+        keep = np.array([world.CONDITIONS[c].family in transfers for c in oracle.read(ref_clips)])
+        return np.where(keep[:, None, None, None, None], ref_clips, still(images))
+
+    monkeypatch.setattr(evaluate, "roundtrip", lambda pipe, clips: clips)
+    monkeypatch.setattr(evaluate, "generate", partial_copy)
+    r = evaluate.evaluate_split(None, oracle, "heldout_scenes", 24, seed=0, log=lambda s: None)
+    a, b = r["pairs"]["condition"], r["pairs"]["swapped_condition"]
+    fam = lambda c: world.CONDITIONS[c].family  # noqa: E731
+    assert all(fam(x) != fam(y) for x, y in zip(a, b))
+    for f, m in r["families"].items():
+        mine = [i for i, x in enumerate(a) if fam(x) == f]
+        assert m["alignment"] == (1.0 if f in transfers else 0.0), f
+        assert m["paired_sensitivity"] == pytest.approx(np.mean([f in transfers and fam(b[i]) in transfers for i in mine])), f
+        assert m["ground_truth"] == m["vae_roundtrip"] == 1.0 and m["backbone"] == m["still"] == 0.0, f
+    assert r["overall"]["psnr/vae_roundtrip"] > 90 and r["overall"]["first_frame_psnr/still"] > 90
+    confusion = np.asarray(r["confusion"]["swapped"])
+    labels = list(world.CONDITIONS)
+    assert confusion.sum() == 24 and confusion[:, labels.index("move_down")].sum() == sum(fam(x) not in transfers for x in b)
+    assert all(confusion[labels.index(x)].sum() == b.count(x) for x in set(b))  # rows: the swapped truth B
+
+    first = {}
+
+    def ignores(pipe, images, prompts, ref_clips=None, ref_prompts=None, **kw):
+        if ref_clips is None:
+            return still(images)
+        return first.setdefault("clips", ref_clips)
+    monkeypatch.setattr(evaluate, "generate", ignores)
+    results = {"heldout_scenes": {"0": evaluate.evaluate_split(None, oracle, "heldout_scenes", 24, seed=0,
+                                                               log=lambda s: None)}}
+    m = results["heldout_scenes"]["0"]["overall"]
+    assert m["alignment"] == 1.0 and m["paired_sensitivity"] == 0.0, m  # right once, never moved by B
+    table = evaluate.markdown(evaluate.summarise(results), results)
+    assert "| floor: a still video (frame 0 repeated) | 0.000 ± 0.000 |" in table
+    assert "| " + evaluate.ROWS["paired_sensitivity"] + " | 0.000 ± 0.000 |" in table
+
+
 # ---------------------------------------------------------------------------------------------
 # The oracle and the shipped default
 # ---------------------------------------------------------------------------------------------
@@ -99,12 +230,12 @@ def test_shipped_default_transfers_semantics(pipeline, oracle):
                                 ref_caption="stripped", log=lambda s: None)
     m, style = r["overall"], r["families"]["style"]
     chance = 1 / len(world.SEEN)
-    assert m["oracle_on_reference"] >= 0.95, m
+    assert m["ground_truth"] >= 0.95, m
     # Measured on this subset: alignment 6/36, sensitivity 8/36, the backbone alone 1/36 (chance 2/36);
     # style 3/8 against 0/8. Over 200 pairs x 3 seeds: 0.222 / 0.217 / 0.053 (README). The issue's 0.8
     # targets are NOT met (README, VAP-Toy): motion and concept do not transfer yet. The bars below fail
     # for a model that ignores its reference video.
-    assert m["alignment"] >= 2 * chance and m["sensitivity"] >= 2 * chance, m
+    assert m["alignment"] >= 2 * chance and m["paired_sensitivity"] >= chance, m
     assert m["backbone"] <= 2 * chance and m["alignment"] - m["backbone"] >= 2 * chance, m
     assert style["alignment"] >= 0.25 and style["backbone"] <= 0.25 * style["alignment"], style
     assert m["first_frame_psnr"] >= 18, m  # the output starts from the given image (VAE round trip ≈ 20 dB)
@@ -130,12 +261,18 @@ def test_evaluate_writes_table_and_plot(tmp_path, pipeline, oracle):
     summary = evaluate.run(str(TOY / "pipeline"), str(TOY / "oracle.npz"), str(tmp_path), splits=["unseen_conditions"],
                            pairs=4, seeds=[0, 1], steps=2, ref_caption="stripped", log=lambda s: None)
     table = (tmp_path / "results.md").read_text()
-    assert "| overall |" in table and "| style |" in table and "±" in table
+    for row in evaluate.ROWS.values():  # VAP, its ceilings and its floors, in every table
+        assert f"| {row} | " in table, row
+    assert "| row | all | motion (move_down) | camera (shake) | style (pixelate) | concept (split) |" in table
     assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "confusion_unseen_conditions.png").stat().st_size > 1000
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["ref_caption"] == "stripped"
     runs = results["runs"]["unseen_conditions"]
-    assert set(runs) == {"0", "1"} and set(summary["unseen_conditions"]["overall"]) >= {"alignment", "sensitivity", "psnr"}
+    assert set(runs) == {"0", "1"} and set(summary["unseen_conditions"]["overall"]) >= {*evaluate.ROWS, "psnr"}
+    assert "sensitivity" not in summary["unseen_conditions"]["overall"]  # the old, mislabelled metric is gone
+    for r in runs.values():
+        assert set(r["confusion"]) == set(evaluate.METHODS) and all(np.sum(c) == 4 for c in r["confusion"].values())
     with pytest.raises(ValueError, match="ref_caption"):
         evaluate.evaluate_split(pipeline, oracle, "unseen_conditions", 1, 0, ref_caption="none")
 
@@ -155,7 +292,8 @@ def test_diagnose_the_shipped_default(tmp_path, capsys):
     assert high["right"] < 0.7 * high["none"] and high["right"] < 0.7 * high["wrong"], high
     assert high["backbone_full_caption"] < 0.7 * high["none"], high
     for family in result["rendering"].values():
-        assert family["still"][0] == 0 and family["sample"][0] < 0.05, family  # frame 0 is the given image
+        assert family["sample"][0] < 0.05, family  # frame 0 is the given image
+        assert family["still"][-1] > 0.002, family  # every family's condition changes the last latent frame
     with pytest.raises(SystemExit) as bad:
         diagnose.main(["--workdir", str(tmp_path / "nothing")])
     assert bad.value.code == 2 and capsys.readouterr().err.startswith("error: ")
@@ -177,10 +315,14 @@ def test_ablation_study_smoke(tmp_path):
     table = (out / "ablation.md").read_text()
     assert table in run.stdout
     row, families = [line for line in table.splitlines() if line.startswith("| residual_addition |")]
-    assert row.startswith("| residual_addition | 0,1 |") and row.endswith("| 55.99 |"), table  # seeds, the paper's
-    assert row.count("±") == len(ablate.METRICS), table                                    # metrics
-    assert families.count("±") >= 1, table                                            # alignment per family
     result = json.loads((out / "ablation.json").read_text())
+    runs = result["runs"]["residual_addition"]
+    for k in ablate.METRICS:  # the table shows the runs' mean ± std, metric by metric, after the seeds
+        mean, std = np.mean([r[k] for r in runs.values()]), np.std([r[k] for r in runs.values()])
+        assert result["summary"]["residual_addition"][k] == pytest.approx([mean, std]), k
+    cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in (result["summary"]["residual_addition"][k] for k in ablate.METRICS))
+    assert row.startswith(f"| residual_addition | 0,1 | {cells} |"), table
+    assert families.count("±") >= 1, table                                            # alignment per family
     assert set(result["runs"]) == {"residual_addition"}
     assert all(set(r) == {"0", "1"} for r in result["runs"].values())
     assert (out / "ablation.png").stat().st_size > 0

@@ -50,7 +50,7 @@ PAPER_ALIGNMENT = {"mot": 70.44, "single_branch": 68.74, "single_branch_lora": 6
 PAPER_ORDERINGS = (("mot", "single_branch_lora", "single_branch", "unidirectional_cross_attn", "residual_addition"),
                    ("mot", "rope_shifted_tw", "rope_identical"),
                    ("mot", "experts_odd"))
-METRICS = ("alignment", "sensitivity", "psnr")
+METRICS = ("alignment", "paired_sensitivity", "psnr")
 # The study's reference captions (training and evaluation): they name the effect, as VAP-Data's do; the
 # table in docs/ablations.md was measured so.
 STUDY_REF_CAPTION = "full"
@@ -107,7 +107,8 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
     study_config.expert.ref_caption = STUDY_REF_CAPTION
     oracle = Oracle.load(os.path.join(work, "oracle.npz"))
     results: dict = {n: {} for n in variants}
-    cache = os.path.join(out, "runs", f"steps{steps}_pairs{pairs}_sample{sample_steps}")
+    # "paired": runs cached before the paired sensitivity (evaluate.paired_sensitivity) lack it
+    cache = os.path.join(out, "runs", f"paired_steps{steps}_pairs{pairs}_sample{sample_steps}")
     os.makedirs(cache, exist_ok=True)
     for seed in seeds:  # seed-major, each run cached: an interrupted study resumes and has every variant early
         for name in variants:
@@ -121,7 +122,7 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
                                              tag=f"{name}/{seed}")
             pipe = toy_pipeline(paths, cfg, params)
             r = evaluate.evaluate_split(pipe, oracle, "heldout_scenes", pairs, seed, steps=sample_steps,
-                                        backbone_alone=False, ref_caption=STUDY_REF_CAPTION, log=log)
+                                        ceilings=False, ref_caption=STUDY_REF_CAPTION, log=log)
             results[name][str(seed)] = {**r["overall"], "families": r["families"]}
             with open(cached, "w") as f:
                 json.dump(results[name][str(seed)], f)
@@ -180,7 +181,7 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
     names = list(summary)
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.6))
-    for i, m in enumerate(("alignment", "sensitivity")):
+    for i, m in enumerate(("alignment", "paired_sensitivity")):
         ax.bar(np.arange(len(names)) + i * 0.4, [summary[n][m][0] for n in names], 0.4,
                yerr=[summary[n][m][1] for n in names], label=m, capsize=2)
     ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=30, ha="right", fontsize=8)

@@ -1,28 +1,39 @@
-"""VAP-Toy metrics with ground truth: semantic alignment, reference sensitivity, fidelity.
+"""VAP-Toy metrics with ground truth: semantic alignment, paired reference sensitivity, fidelity, and the
+ceilings and floors that bound them.
 
     python evaluate.py --pipeline vapjax/assets/toy/pipeline --out eval/toy --pairs 200 --seeds 0,1,2
 
-For every pair of a split (one condition on two scenes), the model animates the target's first frame
+For every pair of a split (one condition A on two scenes), the model animates the target's first frame
 with the target caption *stripped of its effect words*, and by default (`--ref-caption stripped`) the
 reference caption too, so only the reference video can carry the semantics. The oracle
-(`vapjax.toy.oracle`) reads the condition of each output:
-  alignment    VAP's output reads as the reference's condition
-  backbone     the frozen backbone alone (no reference), same image and stripped caption: near chance
-               (1 / #conditions) if the caption carries no semantics
-  sensitivity  the same image and caption with another pair's reference (another condition): the
-               output reads as the *new* reference's condition ("reference ignored", measured)
-  psnr / ssim  VAP's output against the ground-truth target clip; first_frame_psnr: frame 0 against the
-               given image (identity)
-Results: results.json (per split, seed and family), results.md (mean ± std over seeds), results.png.
-A metric is a function of (outputs, pairs), so metrics of real models can join `METRICS` later.
+(`vapjax.toy.oracle`) reads the condition of each clip; every row is the share of pairs read right,
+grouped by the family of the pair's condition A:
+  alignment           VAP's output reads as A
+  paired_sensitivity  VAP's output reads as A *and*, with the reference scene showing a condition B of
+                      another family instead (drawn per pair; same image, caption and noise), reads as B:
+                      an output that ignores its reference cannot pass both
+  ground_truth        the oracle on the ground-truth target (ceiling)
+  vae_roundtrip       the oracle on the ground truth's VAE round trip: the measuring ceiling, what a
+                      perfect model's latents would read as
+  backbone_full       the frozen backbone alone with the full target caption (naming the effect): the
+                      rendering ceiling, what the backbone can draw at all
+  backbone            the backbone alone with the stripped caption (floor: near chance, 1 / #conditions)
+  still               a still video, the target image repeated (floor: what reading nothing scores)
+  psnr / ssim         each clip against the ground-truth target; first_frame_psnr: frame 0 against the
+                      given image (identity)
+Results: results.json (per split, seed and family, the per-pair readings and confusion counts),
+results.md (mean ± std over seeds), results.png, and confusion_<split>.png (per method: what the oracle
+read against the truth, per condition, summed over seeds).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import zlib
 from functools import partial
 from typing import Sequence
 
@@ -108,53 +119,125 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics on the oracle's readings (no model: the tests pin them on hand-built readings)
+# ---------------------------------------------------------------------------------------------
+
+def swap_conditions(conditions: Sequence[str], candidates: Sequence[str], seed: int) -> list[str]:
+    """For each pair's condition A, a condition B drawn (by `seed`) from the `candidates` of ANOTHER family:
+    the swapped reference then carries other semantics, so one output cannot read as both."""
+    rng = np.random.default_rng(zlib.crc32(f"swap/{seed}".encode()))
+    out = []
+    for a in conditions:
+        others = [c for c in candidates if world.CONDITIONS[c].family != world.CONDITIONS[a].family]
+        if not others:
+            raise ValueError(f"no condition of another family than {a!r} among {list(candidates)}")
+        out.append(str(others[rng.integers(len(others))]))
+    return out
+
+
+def paired_sensitivity(conditions: Sequence[str], read: Sequence[str], swapped: Sequence[str],
+                       read_swapped: Sequence[str]) -> np.ndarray:
+    """Per pair: the output with reference A reads as A *and* the output with the swapped reference B (same
+    image, caption and noise) reads as B. An output that ignores its reference fails one of the two."""
+    return (np.asarray(read) == np.asarray(conditions)) & (np.asarray(read_swapped) == np.asarray(swapped))
+
+
+def group_by_family(values: dict[str, np.ndarray], conditions: Sequence[str]) -> dict:
+    """{"overall": {metric: mean}, "families": {family: {metric: mean}}}, each pair counted under the family
+    of its own condition (A; the swapped reference's family never enters)."""
+    families = np.array([world.CONDITIONS[c].family for c in conditions])
+    mean = lambda m: {k: float(np.mean(np.asarray(v, np.float64)[m])) for k, v in values.items()}  # noqa: E731
+    return {"overall": mean(np.ones(len(families), bool)),
+            "families": {f: mean(families == f) for f in world.FAMILIES if (families == f).any()}}
+
+
+def confusion(truth: Sequence[str], read: Sequence[str], labels: Sequence[str] = tuple(world.CONDITIONS)) -> np.ndarray:
+    """Counts [truth, read] over `labels`: row i, column j = the clips of condition i the oracle read as j."""
+    index = {name: i for i, name in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), np.int64)
+    np.add.at(counts, ([index[t] for t in truth], [index[r] for r in read]), 1)
+    return counts
+
+
+# What each accuracy row reads (the oracle names the pair's condition A, unless said otherwise): VAP, then
+# the ceilings (what the instrument and the backbone can reach) and the floors (what reading nothing gets).
+ROWS = {
+    "alignment": "VAP: reads as the reference's condition A",
+    "paired_sensitivity": "VAP: reads A with reference A, and B with a reference B of another family",
+    "ground_truth": "ceiling: the oracle on the ground-truth target",
+    "vae_roundtrip": "measuring ceiling: the oracle on the ground truth's VAE round trip",
+    "backbone_full": "rendering ceiling: the backbone alone, full target caption",
+    "backbone": "floor: the backbone alone, stripped caption",
+    "still": "floor: a still video (frame 0 repeated)",
+}
+# The clips whose fidelity against the ground-truth target is reported ("vap" under the plain names).
+FIDELITY = ("vap", "vae_roundtrip", "backbone_full", "backbone", "still")
+# The clips (and which condition is their truth) each confusion matrix is drawn for.
+METHODS = ("vap", "swapped", "ground_truth", "vae_roundtrip", "backbone_full", "backbone", "still")
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
 REF_CAPTIONS = ("full", "stripped")
 
 
+def roundtrip(pipe: CogVideoXVAP, clips: np.ndarray, batch: int = 16) -> np.ndarray:
+    """uint8 clips through the pipeline's VAE (posterior mode, decoded): what a perfect model's latents give."""
+    enc = pipe.encoders
+    out = [np.asarray(jnp.round(jnp.clip(enc.decode(enc.posterior(clips[s:s + batch]).mode()) * 127.5 + 127.5, 0, 255)))
+           for s in range(0, len(clips), batch)]
+    return np.concatenate(out).astype(np.uint8)
+
+
 def evaluate_split(pipe: CogVideoXVAP, oracle: Oracle, split: str, n: int, seed: int, *, steps: int = 20,
-                   sensitivity: bool = True, backbone_alone: bool = True, ref_caption: str = "stripped",
+                   sensitivity: bool = True, ceilings: bool = True, ref_caption: str = "stripped",
                    log=print) -> dict:
-    """Metrics of one split and seed: overall and per family, plus the per-pair readings.
-    `ref_caption`: "full" gives the reference its caption naming the effect (as VAP-Data's do); "stripped"
-    removes those words too, so that only the reference *video* can carry the semantics."""
+    """Metrics of one split and seed: overall and per family (of each pair's condition), the per-pair
+    readings and a confusion matrix per method. `ceilings=False` skips the round trip and the two backbone
+    generations (the ground truth and the still video are free). `ref_caption`: "full" gives the reference
+    its caption naming the effect (as VAP-Data's do); "stripped" removes those words too, so that only the
+    reference *video* can carry the semantics."""
     if ref_caption not in REF_CAPTIONS:
         raise ValueError(f"unknown ref_caption {ref_caption!r}; known: {', '.join(REF_CAPTIONS)}")
     t0 = time.time()
     ps = world.pairs(split, n, seed)
     conds = [p.condition for p in ps]
     targets = np.stack([p.target_clip() for p in ps])
-    refs = np.stack([p.reference_clip() for p in ps])
-    ref_caps, tgt_caps = zip(*(p.captions(strip_effect=True, strip_reference=ref_caption == "stripped") for p in ps))
+    strip_ref = ref_caption == "stripped"
+    ref_caps, tgt_caps = zip(*(p.captions(strip_effect=True, strip_reference=strip_ref) for p in ps))
     images = targets[:, 0]
-    vap = generate(pipe, images, tgt_caps, refs, ref_caps, steps=steps, seed=seed)
-    read = {"vap": oracle.read(vap), "reference": oracle.read(refs)}
-    if backbone_alone:  # the same image and stripped caption with no reference
-        read["backbone"] = oracle.read(generate(pipe, images, tgt_caps, steps=steps, seed=seed))
-    per_pair = {"condition": conds, **{f"read_{k}": v for k, v in read.items()}}
-    hits = {"alignment": np.array(read["vap"]) == conds, "oracle_on_reference": np.array(read["reference"]) == conds}
-    if backbone_alone:
-        hits["backbone"] = np.array(read["backbone"]) == conds
-    if sensitivity:  # the next pair's reference (another condition), with its caption
-        swap = [(k + 1) % n for k in range(n)]
-        swapped = generate(pipe, images, tgt_caps, refs[swap], [ref_caps[j] for j in swap], steps=steps, seed=seed)
-        read["swapped"] = oracle.read(swapped)
-        per_pair["swapped_condition"] = [conds[j] for j in swap]
-        per_pair["read_swapped"] = read["swapped"]
-        hits["sensitivity"] = np.array(read["swapped"]) == np.array(per_pair["swapped_condition"])
-    values = {**{k: v.astype(np.float64) for k, v in hits.items()}, "psnr": psnr(vap, targets), "ssim": ssim(vap, targets),
-              "first_frame_psnr": psnr(vap[:, 0], images)}
-    families = np.array([world.CONDITIONS[c].family for c in conds])
-    result = {"overall": {k: float(v.mean()) for k, v in values.items()}, "families": {}}
-    for fam in world.FAMILIES:
-        m = families == fam
-        if m.any():
-            result["families"][fam] = {k: float(v[m].mean()) for k, v in values.items()}
+    gen = partial(generate, pipe, images, steps=steps, seed=seed)
+    clips = {"vap": gen(tgt_caps, np.stack([p.reference_clip() for p in ps]), ref_caps),
+             "ground_truth": targets, "still": np.repeat(targets[:, :1], targets.shape[1], axis=1)}
+    if ceilings:
+        clips["vae_roundtrip"] = roundtrip(pipe, targets)
+        clips["backbone_full"] = gen([p.captions()[1] for p in ps])
+        clips["backbone"] = gen(tgt_caps)
+    truth = {m: conds for m in clips}
+    if sensitivity:  # the same reference scene showing B, its caption built as A's was
+        swapped = [dataclasses.replace(p, condition=b)
+                   for p, b in zip(ps, swap_conditions(conds, world.SPLITS[split][1], seed))]
+        clips["swapped"] = gen(tgt_caps, np.stack([q.reference_clip() for q in swapped]),
+                               [q.captions(strip_reference=strip_ref)[0] for q in swapped])
+        truth["swapped"] = [q.condition for q in swapped]
+    read = {m: oracle.read(c) for m, c in clips.items()}
+    values = {r: np.asarray(read[r]) == np.asarray(truth[r]) for r in ROWS if r in read}
+    values["alignment"] = np.asarray(read["vap"]) == np.asarray(conds)
+    if sensitivity:
+        values["paired_sensitivity"] = paired_sensitivity(conds, read["vap"], truth["swapped"], read["swapped"])
+    for m in FIDELITY:
+        if m in clips:
+            suffix = "" if m == "vap" else f"/{m}"
+            values[f"psnr{suffix}"], values[f"ssim{suffix}"] = psnr(clips[m], targets), ssim(clips[m], targets)
+            values[f"first_frame_psnr{suffix}"] = psnr(clips[m][:, 0], images)
+    result = group_by_family(values, conds)
     result["chance"] = 1 / len(world.SPLITS[split][1])
-    result["pairs"] = per_pair
-    log(f"{split} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["overall"].items())
+    result["pairs"] = {"condition": conds, **({"swapped_condition": truth["swapped"]} if sensitivity else {}),
+                       **{f"read_{m}": r for m, r in read.items()}}
+    result["confusion"] = {m: confusion(truth[m], read[m]).tolist() for m in METHODS if m in read}
+    log(f"{split} seed {seed}: " + ", ".join(f"{k} {result['overall'][k]:.3f}" for k in ROWS if k in values)
         + f" ({time.time() - t0:.0f}s)")
     return result
 
@@ -173,21 +256,35 @@ def summarise(results: dict) -> dict:
     return out
 
 
-COLUMNS = ("alignment", "backbone", "sensitivity", "psnr", "ssim", "first_frame_psnr", "oracle_on_reference")
-
-
 def markdown(summary: dict, results: dict) -> str:
+    """Per split: the oracle's accuracy per row (VAP, its ceilings and floors) and family, then fidelity."""
     lines = []
     for split, groups in summary.items():
         seeds = ", ".join(results[split])
-        chance = next(iter(results[split].values()))["chance"]
-        lines += [f"### {split} (seeds {seeds}; chance {chance:.3f})", "",
-                  "| group | " + " | ".join(c for c in COLUMNS if c in groups["overall"]) + " |",
-                  "|---|" + "---|" * sum(c in groups["overall"] for c in COLUMNS)]
-        for g, m in groups.items():
-            cells = [f"{m[c][0]:.3f} ± {m[c][1]:.3f}" if c not in ("psnr", "first_frame_psnr")
-                     else f"{m[c][0]:.2f} ± {m[c][1]:.2f}" for c in COLUMNS if c in m]
-            lines.append(f"| {g} | " + " | ".join(cells) + " |")
+        first = next(iter(results[split].values()))
+        fams = [g for g in groups if g != "overall"]
+        if split == "unseen_conditions":  # one condition per family: name it
+            names = {world.CONDITIONS[c].family: c for c in world.SPLITS[split][1]}
+            heads = [f"{f} ({names[f]})" for f in fams]
+        else:
+            heads = fams
+        lines += [f"### {split} (seeds {seeds}; {len(first['pairs']['condition'])} pairs; chance {first['chance']:.3f})",
+                  "", "Accuracy: the share of pairs whose clip the oracle reads as the truth (mean ± std over seeds; "
+                  "families are those of each pair's condition A).", "",
+                  "| row | all | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(fams)]
+        cell = lambda m: f"{m[0]:.3f} ± {m[1]:.3f}"  # noqa: E731
+        for r, text in ROWS.items():
+            if r in groups["overall"]:
+                lines.append(f"| {text} | " + " | ".join(cell(groups[g][r]) for g in ["overall", *fams]) + " |")
+        lines += ["", "Fidelity against the ground-truth target (all pairs):", "",
+                  "| clip | PSNR | SSIM | first-frame PSNR |", "|---|---|---|---|"]
+        for m in FIDELITY:
+            suffix = "" if m == "vap" else f"/{m}"
+            if f"psnr{suffix}" in groups["overall"]:
+                o = groups["overall"]
+                db = lambda v: "exact" if v[0] > 100 else f"{v[0]:.2f} ± {v[1]:.2f}"  # noqa: E731 (PSNR of equal clips)
+                lines.append(f"| {m} | {db(o['psnr' + suffix])} | {cell(o['ssim' + suffix])} | "
+                             f"{db(o['first_frame_psnr' + suffix])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -197,19 +294,48 @@ def plot(summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
     splits = list(summary)
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(7 * len(splits), 3.8), squeeze=False)
     for ax, split in zip(axes[0], splits):
         groups = list(summary[split])
-        metrics = [m for m in ("alignment", "sensitivity", "backbone") if m in summary[split]["overall"]]
-        width = 0.8 / len(metrics)
-        for i, m in enumerate(metrics):
-            mean = [summary[split][g][m][0] for g in groups]
-            std = [summary[split][g][m][1] for g in groups]
-            ax.bar(np.arange(len(groups)) + i * width, mean, width, yerr=std, label=m, capsize=2)
+        rows = [r for r in ROWS if r in summary[split]["overall"]]
+        width = 0.8 / len(rows)
+        for i, r in enumerate(rows):
+            mean = [summary[split][g][r][0] for g in groups]
+            std = [summary[split][g][r][1] for g in groups]
+            ax.bar(np.arange(len(groups)) + i * width, mean, width, yerr=std, label=r, capsize=2)
         ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
         ax.set_ylim(0, 1.05)
         ax.set_title(split)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(counts: dict, rows: Sequence[str], path: str, title: str) -> None:
+    """One panel per method: the clips of each condition (rows: the truth) and what the oracle read
+    (columns: every label), counts summed over seeds."""
+    import matplotlib  # noqa: PLC0415 (plots only)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    labels = list(world.CONDITIONS)
+    keep = [labels.index(r) for r in rows]
+    ncols = min(4, len(counts))
+    nrows = -(-len(counts) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, (0.2 * len(rows) + 2.4) * nrows), squeeze=False)
+    for ax in axes.flat[len(counts):]:
+        ax.axis("off")
+    for ax, (method, c) in zip(axes.flat, counts.items()):
+        c = np.asarray(c)[keep]
+        ax.imshow(c, cmap="Blues", aspect="auto", vmin=0)
+        for i, j in zip(*np.nonzero(c)):
+            ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=5)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(rows)), rows, fontsize=6)
+        ax.set_xlabel("oracle read", fontsize=7)
+        ax.set_title(method, fontsize=8)
+        ax.set_ylabel("truth", fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -232,6 +358,11 @@ def run(pipeline: str, oracle_path: str, out: str, *, splits: Sequence[str], pai
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(summary, results))
     plot(summary, os.path.join(out, "results.png"))
+    for split, by_seed in results.items():
+        counts = {m: np.sum([r["confusion"][m] for r in by_seed.values()], axis=0)
+                  for m in METHODS if m in next(iter(by_seed.values()))["confusion"]}
+        plot_confusion(counts, world.SPLITS[split][1], os.path.join(out, f"confusion_{split}.png"),
+                       f"{split}: what the oracle read (columns) against the truth (rows), seeds {', '.join(by_seed)}")
     return summary
 
 
