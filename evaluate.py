@@ -1,4 +1,5 @@
-"""VAP-Toy evaluation: semantic alignment, reference sensitivity and fidelity against ground truth.
+"""VAP-Toy evaluation: semantic alignment, paired reference sensitivity and fidelity against ground truth,
+beside the ceilings and floors that bound them.
 
     python evaluate.py                                  # the shipped toy default, 200 pairs x 3 seeds
     python evaluate.py --pipeline runs/toy/out/pipeline --pairs 50 --seeds 0

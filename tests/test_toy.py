@@ -293,7 +293,9 @@ def test_diagnose_the_shipped_default(tmp_path, capsys):
     assert high["backbone_full_caption"] < 0.7 * high["none"], high
     for family in result["rendering"].values():
         assert family["sample"][0] < 0.05, family  # frame 0 is the given image
-        assert family["still"][-1] > 0.002, family  # every family's condition changes the last latent frame
+        # Every family's condition changes the last latent frame: a still video misses it by far more than
+        # the sample misses its given first frame (measured: concept 0.029 against 0.004, style 0.68 / 0.013).
+        assert family["still"][-1] > 2 * family["sample"][0], family
     with pytest.raises(SystemExit) as bad:
         diagnose.main(["--workdir", str(tmp_path / "nothing")])
     assert bad.value.code == 2 and capsys.readouterr().err.startswith("error: ")
