@@ -122,7 +122,8 @@ def run(config, workdir: str, out: str, *, variants: Sequence[str], seeds: Seque
                                              tag=f"{name}/{seed}")
             pipe = toy_pipeline(paths, cfg, params)
             r = evaluate.evaluate_split(pipe, oracle, "heldout_scenes", pairs, seed, steps=sample_steps,
-                                        ceilings=False, ref_caption=STUDY_REF_CAPTION, log=log)
+                                        ceilings=False, backbone_alone=False,
+                                        ref_caption=STUDY_REF_CAPTION, log=log)
             results[name][str(seed)] = {**r["overall"], "families": r["families"]}
             with open(cached, "w") as f:
                 json.dump(results[name][str(seed)], f)

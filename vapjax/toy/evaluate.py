@@ -151,7 +151,8 @@ def group_by_family(values: dict[str, np.ndarray], conditions: Sequence[str]) ->
             "families": {f: mean(families == f) for f in world.FAMILIES if (families == f).any()}}
 
 
-def confusion(truth: Sequence[str], read: Sequence[str], labels: Sequence[str] = tuple(world.CONDITIONS)) -> np.ndarray:
+def confusion(truth: Sequence[str], read: Sequence[str],
+              labels: Sequence[str] = tuple(world.CONDITIONS)) -> np.ndarray:
     """Counts [truth, read] over `labels`: row i, column j = the clips of condition i the oracle read as j."""
     index = {name: i for i, name in enumerate(labels)}
     counts = np.zeros((len(labels), len(labels)), np.int64)
@@ -172,7 +173,7 @@ ROWS = {
 }
 # The clips whose fidelity against the ground-truth target is reported ("vap" under the plain names).
 FIDELITY = ("vap", "vae_roundtrip", "backbone_full", "backbone", "still")
-# The clips (and which condition is their truth) each confusion matrix is drawn for.
+# The clips a confusion matrix is drawn for; the truth is each pair's A (for "swapped": its B).
 METHODS = ("vap", "swapped", "ground_truth", "vae_roundtrip", "backbone_full", "backbone", "still")
 
 
@@ -192,11 +193,12 @@ def roundtrip(pipe: CogVideoXVAP, clips: np.ndarray, batch: int = 16) -> np.ndar
 
 
 def evaluate_split(pipe: CogVideoXVAP, oracle: Oracle, split: str, n: int, seed: int, *, steps: int = 20,
-                   sensitivity: bool = True, ceilings: bool = True, ref_caption: str = "stripped",
-                   log=print) -> dict:
+                   sensitivity: bool = True, ceilings: bool = True, backbone_alone: bool = True,
+                   ref_caption: str = "stripped", log=print) -> dict:
     """Metrics of one split and seed: overall and per family (of each pair's condition), the per-pair
-    readings and a confusion matrix per method. `ceilings=False` skips the round trip and the two backbone
-    generations (the ground truth and the still video are free). `ref_caption`: "full" gives the reference
+    readings and a confusion matrix per method. `ceilings=False` skips the VAE round trip and the
+    full-caption backbone, `backbone_alone=False` the stripped-caption one (the ground truth and the still
+    video are free). `ref_caption`: "full" gives the reference
     its caption naming the effect (as VAP-Data's do); "stripped" removes those words too, so that only the
     reference *video* can carry the semantics."""
     if ref_caption not in REF_CAPTIONS:
@@ -214,6 +216,7 @@ def evaluate_split(pipe: CogVideoXVAP, oracle: Oracle, split: str, n: int, seed:
     if ceilings:
         clips["vae_roundtrip"] = roundtrip(pipe, targets)
         clips["backbone_full"] = gen([p.captions()[1] for p in ps])
+    if backbone_alone:
         clips["backbone"] = gen(tgt_caps)
     truth = {m: conds for m in clips}
     if sensitivity:  # the same reference scene showing B, its caption built as A's was
