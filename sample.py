@@ -22,7 +22,6 @@ import dataclasses
 import os
 import re
 import resource
-import shutil
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
+import convert
 from convert import __main__ as convert_cli
 from convert.errors import ConversionError
 from convert.lora import module_names
@@ -63,7 +63,8 @@ def converted_cache() -> str:
 def resolve_checkpoint(ref: str) -> str:
     """A converted pipeline folder for `ref`: a local folder as it is; a Hub id (Org/Name[@rev]) is
     downloaded with huggingface_hub (it honours HF_HOME, HF_HUB_OFFLINE and its cache), converted once
-    into converted_cache()/Org--Name--<commit> and that copy is used from then on."""
+    into converted_cache()/Org--Name--<commit>--v<converter format version> (the source's dtype kept) and
+    that copy is used from then on. A new converter version converts again rather than reuse a stale copy."""
     match = HUB_ID.fullmatch(ref)
     if os.path.exists(ref) or not match:
         return ref
@@ -75,17 +76,14 @@ def resolve_checkpoint(ref: str) -> str:
         raise CheckpointError(f"{ref}: not a local folder and not downloadable from the Hugging Face Hub "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     commit = os.path.basename(os.path.normpath(src))  # .../snapshots/<commit>
-    dst = os.path.join(converted_cache(), f"{match['repo'].replace('/', '--')}--{commit}")
+    dst = os.path.join(converted_cache(),
+                       f"{match['repo'].replace('/', '--')}--{commit}--v{convert.FORMAT_VERSION}")
     if not os.path.exists(os.path.join(dst, "pipeline.json")):
         print(f"converting {match['repo']}@{commit[:12]} into {dst} (once)", flush=True)
-        tmp = f"{dst}.partial-{os.getpid()}"
-        try:
-            convert_cli.convert_folder(src, tmp)
+        try:  # written beside dst and renamed into place when complete
+            convert_cli.convert_folder(src, dst)
         except ConversionError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"{ref}: {e}") from None
-        shutil.rmtree(dst, ignore_errors=True)  # an incomplete earlier copy (no pipeline.json)
-        os.replace(tmp, dst)
     return dst
 
 

@@ -1,6 +1,7 @@
 """sample.py end to end on the tiny random-weight configs (CogVideoX and Wan), and its one-line errors
 on bad input."""
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -154,3 +155,28 @@ def test_family_from_checkpoint_and_settings_of_another_family(tmp_path):
     c.dynamic_cfg = False  # a CogVideoX setting
     with pytest.raises(ValueError, match="setting\\(s\\) dynamic_cfg do not apply to the wan pipeline"):
         sample.make_request(c, "wan")
+
+
+def test_hub_cache_is_keyed_on_commit_and_converter_version(tmp_path, monkeypatch):
+    """A Hub checkpoint is converted once per (commit, converter format version), keeping the source's
+    dtype; a converter change converts again instead of reusing the stale copy."""
+    import huggingface_hub  # noqa: PLC0415
+    import convert  # noqa: PLC0415
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, revision=None: str(snapshot))
+    monkeypatch.setenv("VAPJAX_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_convert(src, dst, **kw):
+        calls.append((src, dst, kw))
+        os.makedirs(dst)
+        open(os.path.join(dst, "pipeline.json"), "w").close()
+
+    monkeypatch.setattr(sample.convert_cli, "convert_folder", fake_convert)
+    first = sample.resolve_checkpoint("Org/Model")
+    assert sample.resolve_checkpoint("Org/Model") == first and len(calls) == 1
+    assert calls[0][0] == str(snapshot) and calls[0][2] == {}  # no dtype forced: bf16 stays bf16
+    monkeypatch.setattr(convert, "FORMAT_VERSION", convert.FORMAT_VERSION + 1)
+    second = sample.resolve_checkpoint("Org/Model")
+    assert second != first and "abc123" in second and len(calls) == 2
