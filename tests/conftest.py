@@ -14,8 +14,14 @@ def golden_dir() -> pathlib.Path:
 
 
 def golden_cases() -> list[pathlib.Path]:
+    """The case folders; a missing or empty golden folder fails (at collection), naming it, instead of
+    the golden tests silently collecting nothing."""
     d = golden_dir()
-    return sorted(p for p in d.iterdir() if (p / "case.json").exists()) if d.is_dir() else []
+    cases = sorted(p for p in d.iterdir() if (p / "case.json").exists()) if d.is_dir() else []
+    if not cases:
+        pytest.fail(f"no golden cases: {d} is {'empty' if d.is_dir() else 'missing'} (set VAPJAX_GOLDEN_DIR)",
+                    pytrace=False)
+    return cases
 
 
 # What a golden case records, by the one key its case.json names (README.md in the golden folder).

@@ -34,8 +34,12 @@ from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 CASES = golden_cases()
 
 
-def test_golden_cases_found():
+def test_golden_cases_found(tmp_path, monkeypatch):
     assert CASES, f"no golden case folders under {golden_dir()} (set VAPJAX_GOLDEN_DIR)"
+    for folder in (tmp_path / "missing", tmp_path):  # a missing or empty folder fails, naming it
+        monkeypatch.setenv("VAPJAX_GOLDEN_DIR", str(folder))
+        with pytest.raises(pytest.fail.Exception, match=f"no golden cases: {folder} is"):
+            golden_cases()
 
 
 def channels_last(x):
