@@ -139,7 +139,13 @@ def check_cogvideox_step(case, meta: dict) -> None:
 # but CogVideoX's per-head norm_k (LayerNorm) and RoPE come after to_k, so its float64 gradient is as large
 # as the q-bias one (4.8e-3 / 3.9e-3 in layer 0 of cog_train_step) and the sum over tokens cancels only 3-9x
 # (sum |c| / |sum c| of the cotangent c at to_k's output). Our float32 sum over tokens is within 1.3e-7 of
-# the exact sum of our own cotangents, so its reduction is not where a to_k.bias error comes from.
+# the exact sum of our own cotangents, so its reduction is not where a to_k.bias error comes from. On a
+# 3-reference, 3-expert-layer step made like the goldens (official code, float32 and float64 with the same
+# constants) every gradient of ours is within 2.1x the official float32 error and the middle layer's
+# to_k.bias is no outlier. Note: cog_train_step_2ref's float64 run weights its t = 0 sample by
+# 1/(1 - float32 ᾱ) while both float32 steps use float32(1/(1 - float64 ᾱ)) (3.5e-5 apart), which is most of
+# the 1.6e-5 / 2.9e-5 "error" both steps share there; with equal constants the official float32 step is
+# within 3.1e-8 (loss) / 9.6e-7 (worst gradient) of float64, so that case's bounds are loose.
 FP64_FACTOR, FP64_FLOOR = 2.0, 1e-6
 FLAT_TOL = 1e-5  # against the official float32 step, for a case without float64 (Wan)
 
