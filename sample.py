@@ -22,21 +22,20 @@ import dataclasses
 import os
 import re
 import resource
-import shutil
 import sys
 import time
 import warnings
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 from tqdm import tqdm
 
+import convert
 from convert import __main__ as convert_cli
 from convert.errors import ConversionError
 from convert.lora import module_names
-from vapjax import compile_cache, families, lora, memory, video
+from vapjax import cli, compile_cache, families, lora, memory, video
 from vapjax.checkpoint import CheckpointError
 from vapjax.pipelines.common import Placement, parse_mesh, placement_for
 from vapjax.video import VideoError
@@ -63,7 +62,8 @@ def converted_cache() -> str:
 def resolve_checkpoint(ref: str) -> str:
     """A converted pipeline folder for `ref`: a local folder as it is; a Hub id (Org/Name[@rev]) is
     downloaded with huggingface_hub (it honours HF_HOME, HF_HUB_OFFLINE and its cache), converted once
-    into converted_cache()/Org--Name--<commit> and that copy is used from then on."""
+    into converted_cache()/Org--Name--<commit>--v<converter format version> (the source's dtype kept) and
+    that copy is used from then on. A new converter version converts again rather than reuse a stale copy."""
     match = HUB_ID.fullmatch(ref)
     if os.path.exists(ref) or not match:
         return ref
@@ -75,17 +75,14 @@ def resolve_checkpoint(ref: str) -> str:
         raise CheckpointError(f"{ref}: not a local folder and not downloadable from the Hugging Face Hub "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     commit = os.path.basename(os.path.normpath(src))  # .../snapshots/<commit>
-    dst = os.path.join(converted_cache(), f"{match['repo'].replace('/', '--')}--{commit}")
+    dst = os.path.join(converted_cache(),
+                       f"{match['repo'].replace('/', '--')}--{commit}--v{convert.FORMAT_VERSION}")
     if not os.path.exists(os.path.join(dst, "pipeline.json")):
         print(f"converting {match['repo']}@{commit[:12]} into {dst} (once)", flush=True)
-        tmp = f"{dst}.partial-{os.getpid()}"
-        try:
-            convert_cli.convert_folder(src, tmp)
+        try:  # written beside dst and renamed into place when complete
+            convert_cli.convert_folder(src, dst)
         except ConversionError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"{ref}: {e}") from None
-        shutil.rmtree(dst, ignore_errors=True)  # an incomplete earlier copy (no pipeline.json)
-        os.replace(tmp, dst)
     return dst
 
 
@@ -99,6 +96,8 @@ def check_settings(c) -> None:
                          "see configs/cog_vap_tiny.py)")
     if not c.random_init and not c.checkpoint and not c.get("dry_run"):
         raise ValueError("no checkpoint: pass --config.checkpoint=<converted pipeline folder>")
+    if "steps" in c and (not isinstance(c.steps, int) or c.steps < 1):
+        raise ValueError(f"steps={c.steps}: must be a whole number >= 1")
     if c.get("dynamic_cfg") and c.guidance_scale <= 1:
         raise ValueError(f"dynamic_cfg=True has no effect with guidance_scale={c.guidance_scale} (no "
                          "classifier-free guidance at <= 1): set --config.dynamic_cfg=False")
@@ -119,7 +118,10 @@ def make_request(c, name: str):
     unknown = sorted(k for k in c.keys() if k not in RUN_KEYS and k not in fields)
     if unknown:
         raise ValueError(f"setting(s) {', '.join(unknown)} do not apply to the {name} pipeline")
-    ref_prompts = tuple(c.ref_prompt.split("|")) if c.ref_prompt else ()
+    # One caption per reference video, "|"-separated; a blank one (normal for uncaptioned references)
+    # is a blank caption for each reference.
+    num_refs = max(len([p for p in c.get("ref_video", "").split("|") if p]), 1)
+    ref_prompts = tuple(c.ref_prompt.split("|")) if c.ref_prompt else ("",) * num_refs
     return request(ref_prompts=ref_prompts, **{k: c[k] for k in fields if k in c and k != "ref_prompts"})
 
 
@@ -149,6 +151,28 @@ def build_pipeline(c):
         t.params = lora.load_into(t.params, lora.parse_spec(c.lora), names)
         pipe = type(pipe)(t, pipe.encoders, pipe.schedule, placement_for(offload, where))
     return pipe
+
+
+def aspect_notes(image: np.ndarray, refs, req) -> list[str]:
+    """A note for each input whose aspect ratio changes when it is resized to the output size."""
+    def note(what, h, w):
+        if abs(h * req.width - w * req.height) > 0.01 * h * req.width:  # beyond rounding
+            return (f"note: {what} is {w}x{h} (aspect {w / h:.2f}); it is resized to {req.width}x{req.height} "
+                    f"(aspect {req.width / req.height:.2f}), which changes its aspect ratio")
+    found = [note("the image", *image.shape[:2])] + [note(f"reference video {i}", *r.shape[1:3])
+                                                     for i, r in enumerate(refs)]
+    return [n for n in found if n]
+
+
+def prompt_notes(pipe, req) -> list[str]:
+    """A note for each prompt longer than the text length the model reads (the rest is cut off)."""
+    L = req.max_sequence_length
+    named = [("prompt", req.prompt), *((f"reference prompt {i}", p) for i, p in enumerate(req.ref_prompts)),
+             ("negative_prompt", req.negative_prompt), ("negative_ref_prompt", req.negative_ref_prompt)]
+    out = pipe.encoders.tokenize([t for _, t in named], L + 1)  # one slot more: filled only by a longer text
+    ids = np.asarray(out[0] if isinstance(out, tuple) else out)
+    return [f"note: the {name} is longer than the {L} tokens the model reads; the rest is cut off"
+            for (name, _), row in zip(named, ids) if row[L] != pipe.encoders.tokenizer.pad_id]
 
 
 def side_by_side(ref: "np.ndarray", generated: "np.ndarray", req) -> "np.ndarray":
@@ -204,7 +228,6 @@ def dry_run(c) -> None:
     else:
         pipe, source = pipeline.random_from_config(None, abstract=True, **opts), "the released architecture"
     num_refs = max(len([p for p in c.ref_video.split("|") if p]), 1)
-    req = dataclasses.replace(req, ref_prompts=req.ref_prompts or ("",) * num_refs)
     pipe.validate(np.zeros((req.height, req.width, 3), np.uint8),
                   [np.zeros((req.num_frames, 1, 1, 3), np.uint8)] * num_refs, req)
     stages = pipe.stages(req, num_refs)
@@ -223,6 +246,8 @@ def dry_run(c) -> None:
 
 def run(c) -> None:
     check_settings(c)
+    if not c.get("dry_run"):
+        video.check_output(c.output)  # not after the whole generation
     if c.checkpoint:
         c.checkpoint = resolve_checkpoint(c.checkpoint)
     if c.get("dry_run"):
@@ -238,11 +263,15 @@ def run(c) -> None:
         if c.frames_selection != "evenly":  # "evenly" repeats frames of a short reference, as the official
             video.require_frames(p, frames, c.num_frames)
         refs.append(frames)
+    for note in aspect_notes(image, refs, req):
+        print(note)
 
     t0 = time.time()
     pipe = build_pipeline(c)
     t_load = time.time() - t0
     pipe.validate(image, refs, req)
+    for note in prompt_notes(pipe, req):
+        print(note)
     bar = tqdm(total=c.steps, desc="denoising", unit="step")
     t1 = time.time()
     out = pipe(image, refs, req, progress=lambda i: bar.update(1))
@@ -273,6 +302,4 @@ def main(argv):
 
 if __name__ == "__main__":
     # Defined here, not at import: tests import this module beside train.py, which has its own --config.
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/cog_vap.py", lock_config=False)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, "config file, e.g. configs/cog_vap.py")

@@ -22,12 +22,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 from tqdm import tqdm
 
 from convert.lora import module_names
-from vapjax import checkpoint, compile_cache, families, lora, sharding, training, validation
+from vapjax import checkpoint, cli, compile_cache, families, lora, sharding, training, validation
 from vapjax import tree as vtree
 from vapjax.data.ref_dropout import RefDropout
 from vapjax.random_init import random_params
@@ -358,7 +357,4 @@ def main(argv):
 
 if __name__ == "__main__":
     # Defined here, not at import: tests import this module beside sample.py, which has its own --config.
-    config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/cog_vap_train.py",
-                                    lock_config=False)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, "training config, e.g. configs/cog_vap_train.py")

@@ -22,6 +22,7 @@ from convert.cogvideox import convert_transformer, parse_layers
 from convert.clip import convert_clip
 from convert.cogvideox_vae import convert_vae
 from convert.errors import ConversionError
+from convert.output import write_folder
 from convert.source import read_config, read_json
 from convert.t5 import convert_t5
 from convert.wan import convert_transformer as convert_wan_transformer
@@ -66,7 +67,8 @@ def _lookup(table: dict[str, Converter], name: str, src: str) -> Converter:
 
 
 def convert_folder(src: str, dst: str, *, init_expert=None, expert_layers=None, dtype=None) -> str:
-    """Convert one model or pipeline folder; returns what it was."""
+    """Convert one model or pipeline folder; returns what it was. `dst` is written whole or not at all
+    (convert.output): a failure leaves it as it was, and files there that no conversion wrote stay."""
     if not os.path.isdir(src):
         raise ConversionError(f"{src}: no such folder")
     index = os.path.join(src, "model_index.json")
@@ -81,7 +83,7 @@ def convert_folder(src: str, dst: str, *, init_expert=None, expert_layers=None, 
         expert = dict(init_expert=init_expert, expert_layers=expert_layers)
     elif init_expert or expert_layers:
         raise ConversionError(f"{src}: --init-expert/--expert-layers apply to a transformer, not a {name!r}")
-    converter.convert(src, dst, dtype=dtype, **expert)
+    write_folder(dst, lambda folder: converter.convert(src, folder, dtype=dtype, **expert))
     return name
 
 

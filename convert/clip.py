@@ -97,7 +97,7 @@ def _consume_position_ids(src: TensorSource, shapes: dict, cfg: CLIPVisionConfig
         raise ConversionError(f"{what}: {key} is not arange({cfg.num_tokens})")
 
 
-def convert_clip(src_dir: str, dst_dir: str, dtype=None) -> CLIPVisionConfig:
+def convert_clip(src_dir: str, dst_dir: str, dtype=None, check_only: bool = False) -> CLIPVisionConfig:
     """Convert a transformers CLIP vision folder (config.json + model.safetensors[.index.json]).
 
     `dtype` is the stored parameter dtype, recorded as `param_dtype` and as the compute `dtype`.
@@ -110,6 +110,8 @@ def convert_clip(src_dir: str, dst_dir: str, dtype=None) -> CLIPVisionConfig:
     _consume_position_ids(src, shapes, cfg, prefix + POSITION_IDS, src_dir)
     plan, targets = rules(cfg, prefix), target_shapes(cfg)
     check(shapes, plan, targets, what=src_dir)
+    if check_only:  # a pipeline checks every component's files before writing any
+        return cfg
     dtype = storage_dtype(map(src.dtype, src.keys()), dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(src.load, plan, targets, dtype=dtype)

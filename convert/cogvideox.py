@@ -82,7 +82,7 @@ def parse_layers(spec: str) -> tuple[int, ...]:
 
 def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | None = None,
                         expert_layers: Sequence[int] | None = None, dtype: Any = None,
-                        put: Callable[[Path, np.ndarray], Any] | None = None):
+                        put: Callable[[Path, np.ndarray], Any] | None = None, check_only: bool = False):
     """Convert a diffusers transformer folder (config.json + safetensors, single or sharded).
 
     init_expert=None: the expert comes from the checkpoint's `_mot_ref` keys (the official VAP model)
@@ -112,6 +112,8 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
     targets = target_shapes(cfg)
     rs = rules(cfg, targets, expert_from_backbone=init_expert == "copy")
     check(source.shapes(), rs, targets, what=src)
+    if check_only:  # a pipeline checks every component's files before writing any
+        return cfg, None
     dtype = storage_dtype(map(source.dtype, source.keys()), dtype)
     cfg = cfg.with_options(dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(source.load, rs, targets, dtype=dtype, put=put)

@@ -91,7 +91,7 @@ def read_diffusers_config(src_dir: str) -> VAEConfig:
         raise ConversionError(f"{path}: {e}") from None
 
 
-def convert_vae(src_dir: str, dst_dir: str, dtype: Any = None) -> VAEConfig:
+def convert_vae(src_dir: str, dst_dir: str, dtype: Any = None, check_only: bool = False) -> VAEConfig:
     """Convert a diffusers VAE folder (config.json + safetensors) into a vapjax checkpoint at `dst_dir`.
     `dtype` (default: bf16 for a bf16 checkpoint, else fp32) is the stored dtype, recorded as the
     config's `dtype` and `param_dtype`."""
@@ -99,6 +99,8 @@ def convert_vae(src_dir: str, dst_dir: str, dtype: Any = None) -> VAEConfig:
     source = TensorSource.open(src_dir)
     plan, shapes = rules(cfg), target_shapes(cfg)
     check(source.shapes(), plan, shapes, what=f"CogVideoX VAE {src_dir}")
+    if check_only:  # a pipeline checks every component's files before writing any
+        return cfg
     dtype = storage_dtype(map(source.dtype, source.keys()), dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(source.load, plan, shapes, dtype=dtype)

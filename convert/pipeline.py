@@ -46,8 +46,8 @@ def _check_image_processor(folder: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
-    transformer: Callable[..., Any]             # convert(src, dst, *, init_expert, expert_layers, dtype)
-    models: Mapping[str, Callable[..., Any]]    # other component folder -> convert(src, dst, dtype=)
+    transformer: Callable[..., Any]             # convert(src, dst, *, init_expert, expert_layers, dtype, check_only)
+    models: Mapping[str, Callable[..., Any]]    # other component folder -> convert(src, dst, dtype=, check_only=)
     copied: Mapping[str, tuple[tuple[str, ...], Callable[[str], None]]]  # folder -> (files, check(folder))
     schedule: Callable[[dict], Any]             # validates scheduler_config.json (raises ValueError)
 
@@ -100,6 +100,11 @@ def convert_pipeline(src: str, dst: str, *, init_expert=None, expert_layers=None
         raise ConversionError(f"{src}/scheduler: {e}") from None
     for folder, (_, check) in spec.copied.items():
         check(os.path.join(src, folder))
+    # Then every model's config and tensor index (names, shapes, byte ranges), before anything is written.
+    spec.transformer(os.path.join(src, "transformer"), init_expert=init_expert, expert_layers=expert_layers,
+                     dtype=dtype, check_only=True)
+    for folder, convert in spec.models.items():
+        convert(os.path.join(src, folder), None, dtype=dtype, check_only=True)
 
     os.makedirs(dst, exist_ok=True)
     spec.transformer(os.path.join(src, "transformer"), os.path.join(dst, "transformer"),

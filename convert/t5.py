@@ -84,7 +84,7 @@ def read_transformers_config(src_dir: str) -> T5Config:
         raise ConversionError(f"{path}: {e}") from None
 
 
-def convert_t5(src_dir: str, dst_dir: str, dtype=None) -> T5Config:
+def convert_t5(src_dir: str, dst_dir: str, dtype=None, check_only: bool = False) -> T5Config:
     """Convert a transformers T5/UMT5 encoder folder (config.json + model.safetensors[.index.json]).
 
     `dtype` is the stored parameter dtype, recorded in the saved config as `param_dtype` and as the
@@ -97,6 +97,8 @@ def convert_t5(src_dir: str, dst_dir: str, dtype=None) -> T5Config:
     alias = _embedding_alias(src, shapes, src_dir)
     plan, targets = rules(cfg), target_shapes(cfg)
     check(shapes, plan, targets, what=src_dir)
+    if check_only:  # a pipeline checks every component's files before writing any
+        return cfg
     dtype = storage_dtype(map(src.dtype, src.keys()), dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(lambda k: src.load(alias.get(k, k)), plan, targets, dtype=dtype)

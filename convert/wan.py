@@ -88,7 +88,7 @@ def source_shapes(source: TensorSource) -> dict[str, tuple[int, ...]]:
 
 def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | None = None,
                         expert_layers: Sequence[int] | None = None, dtype: Any = None,
-                        put: Callable[[Path, np.ndarray], Any] | None = None):
+                        put: Callable[[Path, np.ndarray], Any] | None = None, check_only: bool = False):
     """Convert a diffusers Wan transformer folder (config.json + safetensors, single or sharded).
 
     init_expert=None: the expert comes from the checkpoint's `_mot_ref` keys (the official VAP model)
@@ -125,6 +125,8 @@ def convert_transformer(src: str, dst: str | None = None, *, init_expert: str | 
     targets = target_shapes(cfg)
     rs = rules(cfg, targets, expert_from_backbone=init_expert == "copy")
     check(shapes, rs, targets, what=src)
+    if check_only:  # a pipeline checks every component's files before writing any
+        return cfg, None
     dtype = storage_dtype(map(source.dtype, shapes), dtype)
     cfg = cfg.with_options(dtype=dtype.name, param_dtype=dtype.name)
     # Which parameters the model keeps in float32 whatever the storage dtype: ask the model itself.

@@ -110,13 +110,15 @@ def read_diffusers_config(src_dir: str) -> VAEConfig:
         raise ConversionError(f"{path}: {e}") from None
 
 
-def convert_vae(src_dir: str, dst_dir: str, dtype: Any = None) -> VAEConfig:
+def convert_vae(src_dir: str, dst_dir: str, dtype: Any = None, check_only: bool = False) -> VAEConfig:
     """Convert a diffusers Wan VAE folder (config.json + safetensors) into a vapjax checkpoint at `dst_dir`.
     `dtype` (e.g. "bfloat16") stores the parameters in that dtype and records it as `param_dtype`."""
     cfg = read_diffusers_config(src_dir)
     source = TensorSource.open(src_dir)
     plan, shapes = rules(cfg), target_shapes(cfg)
     check(source.shapes(), plan, shapes, what=f"Wan VAE {src_dir}")
+    if check_only:  # a pipeline checks every component's files before writing any
+        return cfg
     dtype = storage_dtype(map(source.dtype, source.keys()), dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
     params = assemble(source.load, plan, shapes, dtype=dtype)

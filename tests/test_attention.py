@@ -116,9 +116,17 @@ def test_auto_choice(backend, cc, dtype, d, sk, want):
     assert choose((2, sk, 48, d), (2, sk, 48, d), dtype, backend, cc) == want
 
 
-def test_auto_on_this_machine_is_not_cudnn():
+def test_auto_on_this_machine():
+    """What `attention(None)` runs here follows this device, read independently of `_platform`: cuDNN
+    exactly on a CUDA GPU of compute capability >= 8 (bf16, head dim 8), else plain XLA for 8 keys; and
+    the choice runs and agrees with plain attention."""
     q, k, v = _qkv(1, 8, 8, 1, 8, dtype=jnp.bfloat16)
-    assert choose(q.shape, k.shape, q.dtype, *attn._platform()) != "cudnn" or jax.default_backend() == "gpu"
+    device = jax.devices()[0]
+    cc = str(getattr(device, "compute_capability", "") or "")
+    cuda_ampere = device.platform == "gpu" and cc[:1].isdigit() and int(cc.split(".")[0]) >= 8
+    want = "cudnn" if cuda_ampere else "xla"
+    assert attn.resolve(None, q.shape, k.shape, q.dtype) == want, (device.platform, cc)
+    np.testing.assert_allclose(np.float32(attn.attention(q, k, v)), np.float32(_plain(q, k, v)), atol=3e-2)
 
 
 def test_config_rejects_unknown_attention():

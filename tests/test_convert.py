@@ -1,6 +1,9 @@
 """The converter's shared parts: the safetensors reader refuses hostile files, dispatch is a table,
 and every converter stores and records its dtype the same way."""
+import hashlib
 import json
+import os
+import shutil
 import struct
 
 import jax
@@ -77,8 +80,11 @@ def test_dispatch_is_a_table(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(cli.MODELS, "HunyuanVideoTransformer3D*",
                         cli.Converter(lambda src, dst, **kw: calls.append((src, dst, kw)), expert_options=True))
-    assert cli.convert_folder(str(tmp_path), "out", expert_layers=(0, 1)) == "HunyuanVideoTransformer3DMOTModel"
-    assert calls == [(str(tmp_path), "out", dict(dtype=None, init_expert=None, expert_layers=(0, 1)))]
+    out = tmp_path / "out"
+    assert cli.convert_folder(str(tmp_path), str(out), expert_layers=(0, 1)) == "HunyuanVideoTransformer3DMOTModel"
+    [(src, dst, kw)] = calls  # written into a sibling of `out`, then renamed into place
+    assert src == str(tmp_path) and kw == dict(dtype=None, init_expert=None, expert_layers=(0, 1))
+    assert os.path.dirname(dst) == str(tmp_path) and dst != str(out) and out.is_dir() and not os.path.exists(dst)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5EncoderModel"]}))
     one_line_error(lambda: cli.convert_folder(str(tmp_path), "out", init_expert="copy"),
                    "--init-expert/--expert-layers apply to a transformer, not a 'T5EncoderModel'")
@@ -121,3 +127,50 @@ def test_pipeline_folder_is_checked_before_any_weight(tmp_path):
     (src / "model_index.json").write_text(json.dumps({**index, "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
     one_line_error(lambda: cli.convert_folder(str(src), str(tmp_path / "out")), "unexpected components transformer_2")
     assert not (tmp_path / "out").exists()
+
+
+def _snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_conversion_leaves_the_destination_as_it_was(tmp_path, capsys):
+    """Converting onto a good pipeline from a source with a corrupt VAE fails before anything is written
+    (every source file is checked first; the output goes to a sibling folder renamed into place); a good
+    conversion then replaces what the earlier one wrote and keeps the user's own files."""
+    golden = golden_dir() / "cog_pipeline_tiny"
+    out = tmp_path / "out"
+    assert cli.main([str(golden), str(out)]) == 0
+    (out / "transformer" / "params" / "notes.txt").write_text("mine")
+    (out / "README.txt").write_text("mine too")
+    before = _snapshot(out)
+
+    src = tmp_path / "src"
+    shutil.copytree(golden, src, ignore=shutil.ignore_patterns("*.mp4", "*.png", "trace.safetensors"))
+    vae = src / "vae" / "diffusion_pytorch_model.safetensors"
+    os.chmod(vae, 0o644)
+    good = vae.read_bytes()
+    vae.write_bytes(good[:-100])  # truncated: the last tensor's bytes run past the end of the file
+    capsys.readouterr()
+    assert cli.main([str(src), str(out), "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bad byte range" in err and "vae" in err, err
+    assert _snapshot(out) == before  # the transformer was not replaced by a bf16 one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no partial output left over
+
+    vae.write_bytes(good)
+    assert cli.main([str(src), str(out), "--dtype", "bf16"]) == 0
+    assert (out / "transformer" / "params" / "notes.txt").read_text() == "mine"
+    assert (out / "README.txt").read_text() == "mine too"
+    for part in ("transformer", "vae", "text_encoder"):
+        assert json.loads((out / part / "config.json").read_text())["config"]["param_dtype"] == "bfloat16", part
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_conversion_never_replaces_a_file_it_did_not_write(tmp_path):
+    """A folder whose config.json is the user's (no conversion recorded writing it) is refused, untouched."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("mine")
+    one_line_error(lambda: cli.convert_folder(str(golden_dir() / "cog_pipeline_tiny" / "vae"), str(tmp_path / "out")),
+                   "holds files that no earlier conversion wrote and that this one would replace: config.json")
+    assert _snapshot(tmp_path) == {"out/config.json": hashlib.sha256(b"mine").hexdigest()}

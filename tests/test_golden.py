@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import GoldenCaseError, golden_cases, golden_dir, golden_kind, golden_meta, rel_err
+from conftest import (BF16_VS_OFFICIAL, GoldenCaseError, golden_cases, golden_dir, golden_kind, golden_meta,
+                      official_bf16_error, rel_err)
 from convert.__main__ import main as convert_main
 from convert.cogvideox import convert_transformer
 from convert.pipeline import convert_pipeline
@@ -34,8 +35,12 @@ from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
 CASES = golden_cases()
 
 
-def test_golden_cases_found():
+def test_golden_cases_found(tmp_path, monkeypatch):
     assert CASES, f"no golden case folders under {golden_dir()} (set VAPJAX_GOLDEN_DIR)"
+    for folder in (tmp_path / "missing", tmp_path):  # a missing or empty folder fails, naming it
+        monkeypatch.setenv("VAPJAX_GOLDEN_DIR", str(folder))
+        with pytest.raises(pytest.fail.Exception, match=f"no golden cases: {folder} is"):
+            golden_cases()
 
 
 def channels_last(x):
@@ -425,21 +430,24 @@ def test_pipeline_call_fields_not_honoured_fail(pipeline, contract, change):
         request_from_call({**meta, "call": call}, contract)
 
 
-# bf16 rounding alone (weights and activations) moves these tiny models' output by 7.1e-3 to 8.4e-3 from the
-# fp32 golden; our bf16 and torch's bf16 of the same backbone differ as much (8.5e-3), so a bf16 reference
-# would not be tighter. 1e-2 catches the reference stream given the target's unshifted RoPE (1.8e-2 in
-# cog_mot_1ref, 1.3e-2 in cog_mot_offgrid) and timesteps rounded to bf16 before the sinusoid (1.2e-1 and
-# up), as test_bf16_tolerance_catches_mistakes shows; 2e-2 caught neither RoPE mistake.
-BF16_TOL = 1e-2
+# bf16 rounding alone (weights and activations) moves these tiny models' output by 6.4e-3 to 9.5e-3 from the
+# fp32 golden, the official code's own bf16 run included (case.json official_bf16_rel_err), and by more on
+# other cases (a held-out 3-reference case: official 8.5e-3, ours 1.01e-2). So our bf16 error is bounded by
+# the official bf16 error of the same case (conftest.BF16_VS_OFFICIAL), not by a fixed number tuned to these
+# cases. The bound still catches the reference stream given the target's unshifted RoPE and timesteps
+# rounded to bf16 before the sinusoid, as test_bf16_tolerance_catches_mistakes shows.
+def bf16_bound(case) -> float:
+    return BF16_VS_OFFICIAL * official_bf16_error(case)
 
 
 @pytest.mark.parametrize("case", COG_MOT_CASES, ids=[c.name for c in COG_MOT_CASES])
 def test_golden_bf16(case):
-    """bf16 weights and compute (fp32 norm statistics, RoPE, timestep features) against the fp32 golden."""
+    """bf16 weights and compute (fp32 norm statistics, RoPE, timestep features) against the fp32 golden,
+    no further from it than the official model in bf16 (x BF16_VS_OFFICIAL)."""
     *_, out, want = run_transformer_case(case, dtype=jnp.bfloat16)
-    err = rel_err(out, want)
-    print(f"{case.name}: bf16 relative error {err:.2e}")
-    assert err <= BF16_TOL
+    err, official = rel_err(out, want), official_bf16_error(case)
+    print(f"{case.name}: bf16 relative error {err:.2e}, official bf16 {official:.2e} (ratio {err / official:.2f})")
+    assert err <= bf16_bound(case)
 
 
 def _unshifted_reference_rope(positions):
@@ -454,7 +462,7 @@ def _bf16_timesteps(features):
 
 @pytest.mark.parametrize("mistake", ["unshifted_reference_rope", "bf16_timesteps"])
 def test_bf16_tolerance_catches_mistakes(monkeypatch, mistake):
-    """The bf16 tolerance is not loose enough to pass a semantic mistake (on the one-reference cases,
+    """The bf16 bound is not loose enough to pass a semantic mistake (on the one-reference cases,
     where the README documents the RoPE mistake's size)."""
     cases = [c for c in COG_MOT_CASES if golden_meta(c)["num_mot_ref"] == 1]
     assert cases, "no one-reference CogVideoX MoT golden case"
@@ -465,8 +473,8 @@ def test_bf16_tolerance_catches_mistakes(monkeypatch, mistake):
     for case in cases:
         *_, out, want = run_transformer_case(case, dtype=jnp.bfloat16)
         err = rel_err(out, want)
-        print(f"{case.name} with {mistake}: bf16 relative error {err:.2e}")
-        assert err > BF16_TOL, (case.name, err)
+        print(f"{case.name} with {mistake}: bf16 relative error {err:.2e} (bound {bf16_bound(case):.2e})")
+        assert err > bf16_bound(case), (case.name, err)
 
 
 def test_reference_matters():

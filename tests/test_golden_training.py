@@ -9,8 +9,13 @@ the official gradient of every `_mot_ref` parameter, mapped to our tree by the c
   `training.cogvideox_loss` on `training.cogvideox_predictor`.
 - Wan: `conditioning.wan` on the recorded normalised latents and conditions (its I2V mask must equal
   the recorded one), `training.flow_matching_loss` on `training.wan_predictor` (reference timestep 1).
-Tolerance: fp32 relative error ≤ 1e-5 for the loss and every expert gradient
-tensor; parameters with no path to the loss must get exactly zero gradient.
+Tolerance: a case that carries the step in float64 (expected*_fp64.safetensors, and case.json
+`fp32_vs_fp64`: the official float32 step's own error against it) bounds our float32 loss and every expert
+gradient against float64 by the official float32 error of the same tensor (FP64_FACTOR x it + FP64_FLOOR):
+"as accurate as the official code", not a flat number, which fails a faithful port on a case with more
+cancellation (cog_train_step_2ref's t = 0 sample: the official step itself is off by 2.9e-5) and passes
+a sloppy one on an easy case. Without float64 (Wan), relative error ≤ 1e-5 against the official float32
+step. Parameters with no path to the loss must get exactly zero gradient.
 """
 import json
 
@@ -125,10 +130,49 @@ def check_cogvideox_step(case, meta: dict) -> None:
     compare_step(case, meta, loss, grads, expected, want_grads, rules(cfg, target_shapes(cfg)))
 
 
+# Against float64, our float32 step may be FP64_FACTOR times as far off as the official float32 step, plus
+# FP64_FLOOR: float32 rounding differs with the order of operations (XLA's fusions and reductions are not
+# torch's), so at equal care two float32 steps differ by a small factor either way (measured 0.6-1.05 per
+# gradient on the shared cases); the floor, ~16 float32 roundings (unit roundoff 6e-8), covers a tensor the
+# official step happens to get almost exact (its loss on cog_train_step: 3.6e-8, ours 4.3e-7).
+# A k-bias gradient is not pure rounding noise here: softmax is invariant to a bias added to every key,
+# but CogVideoX's per-head norm_k (LayerNorm) and RoPE come after to_k, so its float64 gradient is as large
+# as the q-bias one (4.8e-3 / 3.9e-3 in layer 0 of cog_train_step) and the sum over tokens cancels only 3-9x
+# (sum |c| / |sum c| of the cotangent c at to_k's output). Our float32 sum over tokens is within 1.3e-7 of
+# the exact sum of our own cotangents, so its reduction is not where a to_k.bias error comes from. On a
+# 3-reference, 3-expert-layer step made like the goldens (official code, float32 and float64 with the same
+# constants) every gradient of ours is within 2.1x the official float32 error and the middle layer's
+# to_k.bias is no outlier. Note: cog_train_step_2ref's float64 run weights its t = 0 sample by
+# 1/(1 - float32 ᾱ) while both float32 steps use float32(1/(1 - float64 ᾱ)) (3.5e-5 apart), which is most of
+# the 1.6e-5 / 2.9e-5 "error" both steps share there; with equal constants the official float32 step is
+# within 3.1e-8 (loss) / 9.6e-7 (worst gradient) of float64, so that case's bounds are loose.
+FP64_FACTOR, FP64_FLOOR = 2.0, 1e-6
+FLAT_TOL = 1e-5  # against the official float32 step, for a case without float64 (Wan)
+
+
+def reference_and_bounds(case, meta: dict, expected: dict, want_grads: dict):
+    """(loss, gradients, bound of the loss, bound per gradient key): float64 and the official float32 step's
+    own error where the case has them, else the official float32 step and FLAT_TOL."""
+    if not (case / "expected_grads_fp64.safetensors").exists():
+        return expected["loss"], want_grads, FLAT_TOL, dict.fromkeys(want_grads, FLAT_TOL)
+    require(meta, case / "case.json", fp32_vs_fp64=dict)
+    official, grads64 = meta["fp32_vs_fp64"], load_file(case / "expected_grads_fp64.safetensors")
+    # A gradient that is exactly zero in float64 has no relative error to record (the last expert layer's
+    # queries feed only the reference stream's discarded output): ours must be exactly zero too.
+    exact_zero = {k for k in want_grads if not np.any(grads64[k])}
+    missing = sorted(k for k in want_grads if k not in official.get("grads", {}) and k not in exact_zero)
+    assert not missing and "loss" in official, f"{case}/case.json fp32_vs_fp64 lacks {missing[:3] or 'loss'}"
+    bound = lambda err: FP64_FACTOR * err + FP64_FLOOR  # noqa: E731
+    return (load_file(case / "expected_fp64.safetensors")["loss"], grads64, bound(official["loss"]),
+            {k: 0.0 if k in exact_zero else bound(official["grads"][k]) for k in want_grads})
+
+
 def compare_step(case, meta: dict, loss, grads, expected: dict, want_grads: dict, conversion_rules) -> None:
-    """Our loss and every expert gradient against the official ones, through the converter's key mapping;
-    every trainable slot of ours has an official gradient, and the listed no-path parameters get exact zeros."""
-    loss_err = rel_err(np.reshape(loss, (1,)), expected["loss"])
+    """Our loss and every expert gradient against the reference (float64 where the case has it, else the
+    official float32 step), through the converter's key mapping; every trainable slot of ours has an
+    official gradient, and the listed no-path parameters get exact zeros."""
+    want_loss, want_grads, loss_bound, bounds = reference_and_bounds(case, meta, expected, want_grads)
+    loss_err = rel_err(np.reshape(loss, (1,)), want_loss)
     flat = vtree.flatten(grads)
     by_key = {r.src: r for r in conversion_rules if r.dst in flat}
     zero = set(meta["zero_grad_params"])
@@ -147,13 +191,14 @@ def compare_step(case, meta: dict, loss, grads, expected: dict, want_grads: dict
             assert not np.any(got), f"{key}: no path to the loss, yet our gradient is {np.abs(got).max():.1e}"
         else:
             errs[key] = rel_err(got, want)
-    worst = max(errs, key=errs.get)
-    print(f"{case.name}: loss {float(loss):.7f} (official {float(expected['loss'][0]):.7f}), rel. error "
-          f"{loss_err:.1e}; {len(errs)} expert gradients, worst {errs[worst]:.1e} "
-          f"({worst}); {len(zero)} zero gradients exactly zero")
-    assert loss_err <= 1e-5
-    bad = {k: f"{v:.1e}" for k, v in errs.items() if v > 1e-5}
-    assert not bad, f"expert gradients above 1e-5 relative error: {bad}"
+    worst = max(errs, key=lambda k: errs[k] / max(bounds[k], 1e-30))  # nearest its bound
+    vs = "float64" if (case / "expected_grads_fp64.safetensors").exists() else "official float32"
+    print(f"{case.name}: loss {float(loss):.7f} (official {float(expected['loss'][0]):.7f}), rel. error vs "
+          f"{vs} {loss_err:.1e} (bound {loss_bound:.1e}); {len(errs)} expert gradients, worst {errs[worst]:.1e} "
+          f"({worst}, bound {bounds[worst]:.1e}); {len(zero)} zero gradients exactly zero")
+    assert loss_err <= loss_bound, f"loss: relative error {loss_err:.1e} vs {vs}, bound {loss_bound:.1e}"
+    bad = {k: f"{v:.1e} > {bounds[k]:.1e}" for k, v in errs.items() if v > bounds[k]}
+    assert not bad, f"expert gradients beyond their bound (relative error vs {vs}): {bad}"
 
 
 def check_wan_step(case, meta: dict) -> None:

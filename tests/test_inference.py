@@ -12,6 +12,7 @@ import jax.extend
 import numpy as np
 import pytest
 
+import convert
 from configs import cog_vap_tiny, wan_vap_tiny
 from conftest import ROOT, golden_dir
 from vapjax import memory
@@ -176,7 +177,7 @@ def test_hub_id_is_downloaded_converted_once_and_reused(tmp_path):
     env = dict(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", VAPJAX_CACHE_DIR=str(tmp_path / "vapjax"))
     common = ["--config.random_init=False", "--config.checkpoint=ByteDance/Tiny-VAP", "--config.steps=2",
               "--config.max_sequence_length=96"]  # the golden tiny model's caption length
-    converted = tmp_path / "vapjax" / "converted" / f"ByteDance--Tiny-VAP--{revision}"
+    converted = tmp_path / "vapjax" / "converted" / f"ByteDance--Tiny-VAP--{revision}--v{convert.FORMAT_VERSION}"
     frames = []
     for i in range(2):
         run = sample_cli(*common, f"--config.output={tmp_path / f'{i}.mp4'}", env=env)

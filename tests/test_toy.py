@@ -281,6 +281,22 @@ def test_evaluate_writes_table_and_plot(tmp_path, pipeline, oracle):
         evaluate.evaluate_split(pipeline, oracle, "unseen_conditions", 1, 0, ref_caption="none")
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--pairs", "-1"], "--pairs -1: must be at least 1"),
+    (["--unseen-pairs", "0"], "--unseen-pairs 0: must be at least 1"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--seeds", "x"], "--seeds 'x': expected comma-separated integers"),
+    (["--seeds", ","], "--seeds ',': expected at least one seed"),
+    (["--pairs", "x"], "argument --pairs: invalid int value: 'x'"),
+])
+def test_evaluate_flags_are_one_line_errors(tmp_path, capsys, args, message):
+    """Checked before any model loads: one line naming the flag, exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*args, "--pipeline", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
 def test_diagnose_the_shipped_default(tmp_path, capsys):
     """`python -m vapjax.toy.diagnose`, in process, on a workdir made from the shipped default (2 clips per
     condition): at high noise the right reference lowers the training loss below no reference and below

@@ -15,7 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.numpy import load_file, save_file
 
-from conftest import golden_dir, rel_err
+from conftest import BF16_VS_OFFICIAL, golden_dir, official_bf16_error, rel_err
 from convert.core import check
 from convert.errors import ConversionError
 from convert.wan import convert_transformer, rules, target_shapes
@@ -45,25 +45,25 @@ def _case(name):
 
 # fp32 parity on every Wan golden case runs in tests/test_golden.py (discovered with all other cases).
 
-# bf16 weights and compute (fp32 islands) against the fp32 official output: measured 1.1e-2 (1ref)
-# and 8.5e-3 (b2). The bound is below what a wrong reference RoPE shift gives even off by one frame
-# (3.1e-2 in fp32 on wan_mot_1ref, 5.7e-2 unshifted), which the test shows.
-BF16_TOL = 1.5e-2
-
-
+# bf16 weights and compute (fp32 islands) against the fp32 official output, bounded by the official model's
+# own bf16 error on the case (x conftest.BF16_VS_OFFICIAL; test_golden.py explains why not a fixed number):
+# measured 1.1e-2 against the official 9.5e-3 (1ref). The bound (1.2e-2) is below what a wrong reference
+# RoPE shift gives even off by one frame (3.1e-2 in fp32 on wan_mot_1ref, 5.7e-2 unshifted), which the test shows.
 def test_golden_bf16_and_wrong_rope_shift(monkeypatch):
-    *_, out, want = run_wan_case(_case("wan_mot_1ref"), dtype=ml_dtypes.bfloat16)
+    case = _case("wan_mot_1ref")
+    bound = BF16_VS_OFFICIAL * official_bf16_error(case)
+    *_, out, want = run_wan_case(case, dtype=ml_dtypes.bfloat16)
     err = rel_err(out, want)
-    print(f"wan_mot_1ref: bf16 relative error {err:.2e}")
-    assert err <= BF16_TOL
+    print(f"wan_mot_1ref: bf16 relative error {err:.2e}, bound {bound:.2e}")
+    assert err <= bound
 
     right = wan.rope_positions
     monkeypatch.setattr(wan, "rope_positions", lambda frames, grid, reference=False:
                         right(frames + 1 if reference else frames, grid, reference))   # −F−1 … −2
-    *_, out, want = run_wan_case(_case("wan_mot_1ref"), dtype=ml_dtypes.bfloat16)
+    *_, out, want = run_wan_case(case, dtype=ml_dtypes.bfloat16)
     err_wrong = rel_err(out, want)
     print(f"wan_mot_1ref: bf16 with the reference RoPE off by one frame {err_wrong:.2e}")
-    assert err_wrong > BF16_TOL
+    assert err_wrong > bound
 
 
 def test_rope_full_size():

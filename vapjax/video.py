@@ -73,6 +73,32 @@ def require_frames(path, frames, n: int) -> None:
         raise _error(path, f"needs at least {n} frames, the file has {len(frames)}")
 
 
+# Containers that take H.264 (what `write_video` writes); ffmpeg refuses others only once the frames exist.
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v")
+
+
+def check_output(path) -> None:
+    """A one-line VideoError, before any long work, if `write_video(path, ...)` could not write there: a
+    folder, an unknown container suffix, or a place that is not writable (the nearest existing parent
+    folder must be writable; `write_video` creates the missing ones)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise _error(path, "is a folder, not a video file name")
+    if os.path.splitext(path)[1].lower() not in VIDEO_SUFFIXES:
+        raise _error(path, f"cannot write a video of this type (use one of {', '.join(VIDEO_SUFFIXES)})")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise _error(path, "is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise _error(path, f"{parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _error(path, f"cannot create files in {parent}")
+
+
 def write_video(path, frames, fps: float = 16, quality: float = 5.0) -> None:
     """Write frames (uint8, or float in [0, 1]) [F, H, W, 3] as an H.264 mp4 (yuv420p).
 

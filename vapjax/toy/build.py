@@ -515,8 +515,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-    config_flags.DEFINE_config_file("config", None, "configs/toy_build.py", lock_config=False)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from vapjax import cli  # noqa: PLC0415
+    cli.run(main, "configs/toy_build.py")

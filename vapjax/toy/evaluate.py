@@ -369,6 +369,11 @@ def run(pipeline: str, oracle_path: str, out: str, *, splits: Sequence[str], pai
     return summary
 
 
+def _one_line_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from importlib.resources import files  # noqa: PLC0415
     toy = files("vapjax") / "assets" / "toy"
@@ -384,13 +389,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--ref-caption", default="stripped", choices=REF_CAPTIONS,
                     help="the reference's caption: stripped (the video alone carries the semantics; the shipped "
                          "default's training) or full (it names its effect)")
+    ap.error = _one_line_error  # argparse's own mistakes (e.g. --pairs x) too: one line, no usage dump
     a = ap.parse_args(argv)
     try:
         splits = [s for s in a.splits.split(",") if s]
         bad = [s for s in splits if s not in world.SPLITS]
         if bad:
             raise ValueError(f"unknown split(s) {bad}; splits: {', '.join(world.SPLITS)}")
-        run(a.pipeline, a.oracle, a.out, splits=splits, pairs=a.pairs, seeds=[int(s) for s in a.seeds.split(",")],
+        for flag, value in (("--pairs", a.pairs), ("--unseen-pairs", a.unseen_pairs), ("--steps", a.steps)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} {value}: must be at least 1")
+        try:
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        if not seeds:
+            raise ValueError(f"--seeds {a.seeds!r}: expected at least one seed, e.g. 0,1,2")
+        run(a.pipeline, a.oracle, a.out, splits=splits, pairs=a.pairs, seeds=seeds,
             steps=a.steps, unseen_pairs=a.unseen_pairs, ref_caption=a.ref_caption)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
