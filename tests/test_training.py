@@ -731,6 +731,11 @@ def test_train_on_precomputed_wan_data(tmp_path):
     close(example["text"], t5.T5Encoder(tcfg).apply({"params": tparams}, ids)[0])
     assert np.any(example["text"][-1])
 
+    # The names and kinds travel with the features (the DPO sampler reads them from the index).
+    ok = [clip for clip in synthetic.CLIPS if clip.expect == "ok"]
+    assert loader.example_index(latents.data_dir) == {"path": [o.path for o in ok], "kind": [o.kind for o in ok],
+                                                      "split": ["train"] * len(ok)}
+    assert example["kind"] == ok[0].kind.encode()
     # The loader pairs every Wan field; training runs on them from the converted checkpoint.
     batch = next(loader.make_loader(latents.data_dir, batch_size=2, seed=0))
     assert {k for k in batch if k.startswith("ref_")} == {"ref_latent_dist", "ref_condition", "ref_image_embeds",
