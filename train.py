@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -38,6 +39,48 @@ RESUMABLE_OPTIONS = ("attention", "remat")
 
 class TrainingError(RuntimeError):
     """Stops training with a one-line message (non-finite loss, bad setup)."""
+
+
+class UsageError(ValueError):
+    """Bad input found before any work starts: one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run after a step (its checkpoint written)."""
+
+
+class StopRequest:
+    """SIGINT handler. Until the first step has run (loading, compiling) nothing is worth saving, and
+    unwinding Python through XLA's compiler crashes the interpreter (segfault at exit): it leaves at once,
+    exit status 130, without teardown. Afterwards the first Ctrl-C lets the step finish, checkpoints and
+    stops; a second one leaves at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.graceful = False      # set by `train` once a step has run
+
+    def __call__(self, signum=None, frame=None) -> None:
+        if self.requested or not self.graceful:
+            os.write(2, b"interrupted\n")
+            os._exit(130)
+        self.requested = True
+        os.write(2, b"interrupted: stopping after this step (Ctrl-C again to stop now)\n")
+
+
+def check_paths(c) -> None:
+    """The workdir and the data exist as the config says, before anything is created or loaded."""
+    if os.path.exists(c.workdir) and not os.path.isdir(c.workdir):
+        raise UsageError(f"workdir {c.workdir} is a file, not a folder")
+    if c.data.kind == "synthetic":
+        return
+    if not c.data.dir:
+        raise UsageError(f"data.kind={c.data.kind!r} needs --config.data.dir=<prepared dataset folder>")
+    if not os.path.isfile(os.path.join(c.data.dir, "dataset_info.json")):
+        what = "no such folder" if not os.path.isdir(c.data.dir) else "not a prepared dataset (no dataset_info.json)"
+        raise UsageError(f"data.dir {c.data.dir}: {what}; build it with python -m vapjax.data.vap_data "
+                         "(and python -m vapjax.data.precompute for data.kind='latents')")
+    if c.recipe == "dpo" and c.data.get("scores_csv") and not os.path.isfile(c.data.scores_csv):
+        raise UsageError(f"data.scores_csv {c.data.scores_csv}: no such file")
 
 
 def maybe_initialize_distributed() -> None:
@@ -88,7 +131,10 @@ def make_data(c, model_cfg):
         if c.recipe != "sft" or c.data.num_refs < 2:
             raise TrainingError(f"data.mask_ref_ratio={c.data.mask_ref_ratio} has no effect with recipe {c.recipe!r} "
                                 f"and data.num_refs={c.data.num_refs} (multi-reference SFT needs num_refs >= 2)")
-        it = RefDropout(it, num_refs=c.data.num_refs, mask_ref_ratio=c.data.mask_ref_ratio, seed=c.data.seed)
+    # A clip with fewer references than num_refs trains with the ones it has (RefDropout caps N).
+    if c.data.get("mask_ref_ratio") or (c.data.get("allow_fewer_refs") and c.data.num_refs > 1):
+        it = RefDropout(it, num_refs=c.data.num_refs, mask_ref_ratio=c.data.get("mask_ref_ratio", 0.0),
+                        seed=c.data.seed)
     return it, empty
 
 
@@ -106,12 +152,15 @@ def _make_batches(c, model_cfg):
                                 "vap_data.csv> (the alignment scores)")
         builder = loader.open_builder(c.data.dir)
         fields = [f for f in builder.info.features if f not in loader.BOOKKEEPING]
-        scores, _ = dpo_pairs.read_scores(c.data.scores_csv)
-        it = dpo_pairs.DPOPairs(builder.as_data_source(split="train"), scores, fields,
-                                batch_size=c.batch_size // jax.process_count(), seed=c.data.seed)
+        scores, kinds = dpo_pairs.read_scores(c.data.scores_csv)
+        index = loader.example_index(builder)   # names only: no record is read before the first batch
+        it = dpo_pairs.DPOPairs(builder.as_data_source(split="train"), index["path"], scores, kinds, fields,
+                                splits=index["split"], batch_size=c.batch_size // jax.process_count(),
+                                seed=c.data.seed, workers=max(1, c.data.worker_count))
         return it, loader.empty_text(c.data.dir)
     it = loader.make_loader(c.data.dir, kind=c.data.kind, batch_size=c.batch_size // jax.process_count(),
-                            num_refs=c.data.num_refs, seed=c.data.seed, worker_count=c.data.worker_count)
+                            num_refs=c.data.num_refs, seed=c.data.seed, worker_count=c.data.worker_count,
+                            allow_fewer_refs=c.data.get("allow_fewer_refs", False))
     if c.data.kind == "latents":
         return it, loader.empty_text(c.data.dir)
     # Raw clips: encode with the pipeline's encoders on the fly (as the official trainer does).
@@ -124,12 +173,22 @@ def _make_batches(c, model_cfg):
 class MetricsSink:
     """Process 0's outputs: every step to <workdir>/metrics.jsonl, summaries to stdout and TensorBoard."""
 
-    def __init__(self, c, enabled: bool):
-        self.file = open(os.path.join(c.workdir, "metrics.jsonl"), "a") if enabled else None
-        self.writer = None
-        if enabled and c.tensorboard:
+    def __init__(self, c, enabled: bool, start: int = 0):
+        """`start`: the first step this run trains; rows of a previous run from it on are dropped (a resumed
+        run redoes the steps after its checkpoint), from metrics.jsonl and, by a purge, from TensorBoard."""
+        self.file = self.writer = None
+        if not enabled:
+            return
+        path = os.path.join(c.workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            keep = [line for line in open(path) if _row_step(line) < start]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+        if c.tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415  (optional dependency)
-            self.writer = SummaryWriter(os.path.join(c.workdir, "tb"))
+            self.writer = SummaryWriter(os.path.join(c.workdir, "tb"), purge_step=start or None)
 
     def step(self, m: dict) -> None:
         if self.file:
@@ -148,6 +207,14 @@ class MetricsSink:
         for f in (self.file, self.writer):
             if f:
                 f.close()
+
+
+def _row_step(line: str) -> float:
+    """A metrics.jsonl row's step; a torn last line (a killed run) counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return float("inf")
 
 
 def make_objective(c, model_cfg):
@@ -266,9 +333,11 @@ def checkpoints(c, model_cfg):
                                      model=model, async_save=c.async_checkpoint)
 
 
-def train(c):
+def train(c, stop: StopRequest | None = None):
     """Run (or resume) training; returns (this run's per-step metrics, final state, frozen params).
-    Process 0 also appends the metrics to <workdir>/metrics.jsonl and TensorBoard events to <workdir>/tb."""
+    Process 0 also appends the metrics to <workdir>/metrics.jsonl and TensorBoard events to <workdir>/tb.
+    `stop` (the SIGINT handler): once it is requested, the run checkpoints after the current step and
+    raises `Interrupted`."""
     main = jax.process_index() == 0
     cfg, mesh, state, frozen, step_fn = setup(c)
     data, empty_text = make_data(c, cfg)
@@ -297,16 +366,18 @@ def train(c):
 
     tokens = families.get(c.family).sequence_length(cfg, first)   # per sample, both streams
     config_dict = json.loads(c.to_json())
-    sink = MetricsSink(c, enabled=main)
+    start = int(state.step)
+    sink = MetricsSink(c, enabled=main, start=start)
     validate = make_validator(c, cfg, sink.writer) if main else None
     history, window, t_last = [], [], time.time()
-    start = int(state.step)
     bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main or not c.progress)
     for step in range(start, c.steps):
         local, first = (first, None) if first is not None else (next(data), None)
         batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], np.asarray(v)) for k, v in local.items()}
         state, m = jstep(state, frozen, batch, rng, empty_text)
         m = {k: float(v) for k, v in m.items()}
+        if stop is not None:
+            stop.graceful = True    # compiled and run: from now on a Ctrl-C ends the run after a step
         if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
             ckpt.wait()
             raise TrainingError(f"non-finite loss {m['loss']} / grad norm {m['grad_norm']} at step {step}; "
@@ -317,7 +388,8 @@ def train(c):
         sink.step(m)
         bar.update(1)
         done = step + 1
-        ckpt.save(done, state, data.get_state(), config_dict, force=done == c.steps)
+        stopping = stop is not None and stop.requested
+        ckpt.save(done, state, data.get_state(), config_dict, force=done == c.steps or stopping)
         if validate and (done % c.validation.every == 0 or done == c.steps):
             t_val = time.time()
             written = validate(done, current_weights(c, state.params, frozen))
@@ -331,9 +403,15 @@ def train(c):
                                 "lr": m["lr"], **extra, "steps/s": n / dt, "samples/s": n * c.batch_size / dt,
                                 "tokens/s": n * c.batch_size * tokens / dt})
             window, t_last = [], time.time()
+        if stopping:
+            break
     bar.close()
     ckpt.wait()
     ckpt.close()
+    if stop is not None and stop.requested and int(state.step) < c.steps:
+        sink.close()
+        raise Interrupted(f"interrupted after step {int(state.step)} (checkpoint written; the same command "
+                          "resumes)")
     if c.lora.rank and main:
         print(f"wrote {export_lora(c, cfg, state.params)}", flush=True)
     sink.close()
@@ -345,11 +423,23 @@ def main(argv):
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     logging.set_verbosity(logging.WARNING)
     c = flags.FLAGS.config
+    stop = StopRequest()
+    signal.signal(signal.SIGINT, stop)
     compile_cache.enable()  # a restarted run compiles in seconds; VAPJAX_NO_COMPILE_CACHE=1 turns it off
     try:
+        check_paths(c)
         maybe_initialize_distributed()
-        os.makedirs(c.workdir, exist_ok=True)
-        train(c)
+        try:
+            os.makedirs(c.workdir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"workdir {c.workdir}: {e.strerror}") from None
+        train(c, stop)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
     except (TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

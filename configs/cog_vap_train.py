@@ -48,9 +48,10 @@ def get_config():
     # kind: "latents" (python -m vapjax.data.precompute), "raw" (vap_data, encoded on the fly with the VAE
     # and T5 of `pipeline`), or "synthetic" (RandomLatents of `size` examples, for smoke tests).
     # num_refs references per sample; mask_ref_ratio > 0 trains with N = 1 + Binomial(num_refs − 1,
-    # 1 − ratio) of them per step (multi-reference SFT, vapjax.data.ref_dropout).
+    # 1 − ratio) of them per step (multi-reference SFT, vapjax.data.ref_dropout). allow_fewer_refs: a clip
+    # with fewer than num_refs references trains with those (the step's N capped), else it is an error.
     c.data = ml_collections.ConfigDict(dict(kind="latents", dir="", pipeline="", num_refs=1, mask_ref_ratio=0.0,
-                                            seed=42, worker_count=4, size=0))
+                                            allow_fewer_refs=False, seed=42, worker_count=4, size=0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # Every `every` steps (0: off), sample `max_samples` cases of `file` (official validation.json layout)
     # with `steps` denoising steps (0: the file's) using the encoders of `pipeline`; mp4s go to

@@ -17,5 +17,7 @@ def get_config():
     c = cog_vap_train.get_config()
     c.workdir = "runs/cog_vap_3ref"
     c.caption_dropout = 0.1
-    c.data.update(dict(num_refs=3, mask_ref_ratio=0.3))
+    # The official loader cannot draw 3 of fewer references (random.sample raises, DS:797); a clip with 1 or
+    # 2 (e.g. the same-kind fallback) trains with those: N is capped per step (vapjax.data.ref_dropout).
+    c.data.update(dict(num_refs=3, mask_ref_ratio=0.3, allow_fewer_refs=True))
     return c

@@ -1,11 +1,13 @@
 """The other official training recipes: LoRA training (any recipe), multi-reference SFT (spec §7.7) and
 Diffusion-DPO (spec §7.8) — against a PyTorch rendering where there is math, and as tiny runs that learn.
 """
+import json
 import random
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,9 @@ from test_cogvideox import stock_model
 from test_training import SCHEDULER, tiny_config
 from vapjax import lora, training
 from vapjax import tree as vtree
+from vapjax.data import loader, precompute, synthetic, vap_data
 from vapjax.data.dpo_pairs import DPOPairs, PairSampler
+from vapjax.data.features import load_features
 from vapjax.data.random_latents import RandomDPOPairs, RandomLatents
 from vapjax.data.ref_dropout import RefDropout
 from vapjax.models import cogvideox
@@ -296,17 +300,158 @@ def test_dpo_pair_sampler_follows_the_official_rule():
     assert {p.win for p in late} == {"a", "b", "g", "c"} and {p.lose for p in late} == {"d", "e"}
     assert s.sample("other", 0, rng) is None                           # no reference of score > 80 besides win
 
-    source = [{"path": p, "kind": kinds[p], "text": np.full((2, 3), i, np.float32)} for i, p in enumerate(scores)]
-    it = DPOPairs(source, scores, ["text"], batch_size=3, seed=1, process_index=0, process_count=1)
+    paths = list(scores)
+    source = [{"text": np.full((2, 3), i, np.float32)} for i in range(len(paths))]
+    make = lambda: DPOPairs(source, paths, scores, kinds, ["text"], batch_size=3, seed=1, process_index=0,
+                            process_count=1)
+    it = make()
     batch = next(it)
     assert batch["text"].shape == (3, 2, 2, 3) and batch["ref_text"].shape == (3, 1, 2, 3)
     for b in range(3):
-        win, lose = (source[i]["path"] for i in batch["index"][b])
+        win, lose = (paths[i] for i in batch["index"][b])
         assert batch["pair_weight"][b] == np.float32(s.weight(win, lose))
         np.testing.assert_array_equal(batch["text"][b, 0], source[batch["index"][b, 0]]["text"])
-    again = DPOPairs(source, scores, ["text"], batch_size=3, seed=1, process_index=0, process_count=1)
+    for _ in range(3):   # past the batches read ahead
+        next(it)
+    again = make()
     again.set_state(it.get_state())
     jax.tree.map(np.testing.assert_array_equal, next(again), next(it))
+
+
+class _CountingSource(list):
+    """A random-access source that counts its reads."""
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def test_dpo_pairs_read_names_not_records_and_draw_every_split():
+    """Constructing DPOPairs reads no record (the names come from the dataset's index), batches are read
+    ahead, and the candidates are the clips of every split while only train-split clips are rows (DS:904-926:
+    the official pools come from the whole filtered CSV, its rows from the train split)."""
+    scores = {"w": 95, "l": 5, "r": 100, "t_win": 98, "t_lose": 2}
+    kinds = {p: "k" for p in scores}
+    paths = list(scores)
+    splits = ["train", "train", "train", "test", "test"]
+    source = _CountingSource({"text": np.full((1,), i, np.float32)} for i in range(len(paths)))
+    it = DPOPairs(source, paths, scores, kinds, ["text"], splits=splits, batch_size=1, seed=0, process_index=0,
+                  process_count=1, prefetch=2)
+    assert source.reads == 0
+    batches = [next(it) for _ in range(60)]
+    drawn = {paths[i] for b in batches for i in b["index"].ravel()}
+    assert {"t_win", "t_lose"} <= drawn                      # test-split clips are candidates
+    assert len(it.rows) == 3                                 # ... but not rows
+    assert len(it._pending) == 2                             # two batches in flight
+    it.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipes on the real data path: VAP-Data CSV -> vap_data -> precompute -> train.py
+# ---------------------------------------------------------------------------------------------
+
+# One effect: win candidates (score >= 90), lose candidates (<= 10, one of them in the test split) and a
+# score-100 reference. With the train split alone w has 2 references and l and r 1 each: fewer than 3.
+RECIPE_CLIPS = (
+    synthetic.Clip("w", "balloon", "ok", score=95, refs=("l", "r", "t")),
+    synthetic.Clip("l", "balloon", "ok", score=5, refs=("w",)),
+    synthetic.Clip("r", "balloon", "ok", score=100, refs=("w",)),
+    synthetic.Clip("t", "balloon", "split", score=3, split="test", refs=("w",)),
+)
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory):
+    """(VAP-Data folder, converted official tiny CogVideoX pipeline, its features, precompute): the
+    folder of RECIPE_CLIPS and the pipeline whose VAE and T5 encode it."""
+    from conftest import golden_dir  # noqa: PLC0415
+    from convert.pipeline import convert_pipeline  # noqa: PLC0415
+    root = tmp_path_factory.mktemp("recipes")
+    raw = synthetic.write(str(root / "raw"), RECIPE_CLIPS)
+    convert_pipeline(str(golden_dir() / "cog_pipeline_tiny"), str(root / "pipe"))
+    features = load_features(str(root / "pipe"), text_length=96)   # the tiny model's caption length
+
+    def latents(config: str) -> str:
+        data = vap_data.build(raw, str(root / config), config, workers=2)
+        return precompute.precompute(data, str(root / f"{config}_latents"), features, dtype="float32").data_dir
+    return root, latents
+
+
+def _real_data_config(workdir, base, pipe, data_dir, **data):
+    c = base.get_config()
+    c.workdir, c.progress, c.tensorboard = str(workdir), False, False
+    c.random_init, c.init_checkpoint = False, str(pipe / "transformer")
+    c.model = ml_collections.ConfigDict()   # the checkpoint's architecture
+    c.model_options.update(dict(dtype="float32", param_dtype="float32", remat="none"))
+    c.data.update(dict(kind="latents", dir=data_dir, worker_count=0, **data))
+    c.update(dict(steps=1, batch_size=2, checkpoint_every=100, async_checkpoint=False, log_every=1))
+    return c
+
+
+def test_dpo_trains_on_the_real_data_path(recipe_data, tmp_path):
+    """DPO from a VAP-Data CSV through vap_data (every split) and precompute: the kinds reach the sampler
+    (they were lost: KeyError 'kind'), the test-split lose clip is a candidate, and training runs."""
+    from train import make_data, train  # noqa: PLC0415
+    root, latents = recipe_data
+    data_dir = latents("tiny_all")
+    index = loader.example_index(data_dir)
+    assert index == {"path": [c.path for c in RECIPE_CLIPS], "kind": ["balloon"] * 4,
+                     "split": ["train"] * 3 + ["test"]}
+    c = _real_data_config(tmp_path, cog_vap_dpo_tiny, root / "pipe", data_dir, scores_csv=str(root / "raw" / "vap_data.csv"))
+    it, _ = make_data(c, None)
+    pairs = [next(it) for _ in range(6)]
+    drawn = {index["path"][i] for b in pairs for i in b["index"][:, 1]}
+    assert drawn == {"videos/l.mp4", "videos/t.mp4"}                      # both lose candidates, any split
+    for b in pairs:   # the score-100 reference, or the 95 one when r itself wins
+        for (win, _), (ref,) in zip(b["index"], b["ref_index"]):
+            assert ref != win and index["path"][ref] in ("videos/r.mp4", "videos/w.mp4")
+    history, state, _ = train(c)
+    assert len(history) == 1 and np.all(np.isfinite([m["loss"] for m in history]))
+    assert (tmp_path / "lora.safetensors").exists()
+    with pytest.raises(ValueError, match="built with every split"):   # SFT would train on test clips
+        loader.make_loader(data_dir, batch_size=2, seed=0)
+
+
+class _CtrlCAfterFirstStep:
+    """train.py's SIGINT handler as if Ctrl-C came as the first step ended."""
+    requested = False
+
+    @property
+    def graceful(self):
+        return self.requested
+
+    @graceful.setter
+    def graceful(self, value):
+        self.requested = value
+
+
+def test_3ref_sft_trains_on_the_real_data_path(recipe_data, tmp_path):
+    """The 3-reference recipe on a dataset whose clips have 1 or 2 references: it starts, and a step
+    never repeats a reference (N is capped by the fewest references in the batch). The run is stopped by
+    a Ctrl-C after its first step: it ends after that step, with a checkpoint of it."""
+    from train import Interrupted, make_data, train  # noqa: PLC0415
+    root, latents = recipe_data
+    data_dir = latents("tiny")
+    recipe = cog_vap_train_3ref.get_config().data
+    refs = {k: recipe[k] for k in ("num_refs", "mask_ref_ratio", "allow_fewer_refs")}
+    c = _real_data_config(tmp_path, cog_vap_train_3ref, root / "pipe", data_dir, **refs)
+    c.update(dict(batch_size=1, optimizer=cog_vap_train_3ref.get_config().optimizer))
+    it, _ = make_data(c, None)
+    counts = loader.open_builder(data_dir).as_data_source(split="train")
+    ns = set()
+    for _ in range(12):
+        b = next(it)
+        n = b["ref_index"].shape[1]
+        ns.add(n)
+        assert n <= len(counts[int(b["index"][0])]["ref_index"]) and len(set(b["ref_index"][0])) == n
+    assert ns == {1, 2}
+    c.steps = 3
+    with pytest.raises(Interrupted, match="after step 1"):
+        train(c, _CtrlCAfterFirstStep())
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in rows] == [0] and np.isfinite(rows[0]["loss"])
+    assert sorted(d.name for d in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
 
 # ---------------------------------------------------------------------------------------------

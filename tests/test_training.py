@@ -542,10 +542,71 @@ def test_kill_and_resume(tmp_path, family, compile_cache):
 
     got = _losses(work)
     assert sorted(got) == list(range(30))
+    assert len(metrics.read_text().splitlines()) == 30   # a resumed run replaces the rows it redoes
     np.testing.assert_array_equal([got[s] for s in range(30)], [want_losses[s] for s in range(30)])
     params = _final_params(work, 30)
     for k, v in want_params.items():
         np.testing.assert_array_equal(params[k], v)
+
+
+def test_train_cli_bad_paths_are_one_line_errors(tmp_path):
+    """A missing data folder (was a 62-line TFDS traceback, exit 1, an empty workdir left behind) and a
+    workdir that is a file (was FileExistsError) are one `error:` line and exit status 2, before anything
+    is created or compiled."""
+    from train import UsageError, check_paths  # noqa: PLC0415
+    work = tmp_path / "run"
+    p = _train_cli(work, "--config.data.kind=latents", f"--config.data.dir={tmp_path / 'nowhere'}")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and err.strip().count("\n") == 0, err[-2000:]
+    assert err.startswith("error: data.dir") and "no such folder" in err and not work.exists()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "file", {}, "is a file, not a folder"),
+             (work, {"data.kind": "latents", "data.dir": str(tmp_path / "empty")}, "not a prepared dataset"),
+             (work, {"data.kind": "raw", "data.dir": ""}, "needs --config.data.dir")]
+    for workdir, overrides, message in cases:
+        with pytest.raises(UsageError, match=message) as e:
+            check_paths(tiny_config(workdir, **overrides))
+        assert "\n" not in str(e.value)
+
+
+def test_ctrl_c_while_compiling_exits_130(tmp_path):
+    """SIGINT before the first step has run (here: as the step function compiles) ends the run at once
+    with status 130 and one line, no traceback (it was a KeyboardInterrupt unwinding through the compiler,
+    then a segfault, rc 139)."""
+    p = _train_cli(tmp_path, env={"VAPJAX_NO_COMPILE_CACHE": "1"})
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), p)   # opened just before the first step
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, \
+        err[-3000:]
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_metrics_of_a_resumed_run_are_not_duplicated(tmp_path):
+    """A run resumed at step 3 drops the earlier run's rows from step 3 on (metrics.jsonl, and TensorBoard
+    by a purge at step 3): it redoes those steps."""
+    from tensorboardX.proto import event_pb2  # noqa: PLC0415
+    from train import MetricsSink  # noqa: PLC0415
+    c = tiny_config(tmp_path)
+    c.tensorboard = True
+    rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 6, "lo')   # a torn last row
+    sink = MetricsSink(c, enabled=True, start=3)
+    sink.step({"step": 3, "loss": 0.5})
+    sink.close()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+
+    def records(path):   # TFRecord framing: length, its CRC, the event, its CRC
+        data = path.read_bytes()
+        while data:
+            n = int.from_bytes(data[:8], "little")
+            yield data[12:12 + n]
+            data = data[16 + n:]
+
+    events = [event_pb2.Event.FromString(r) for f in (tmp_path / "tb").iterdir() for r in records(f)]
+    purges = [e.step for e in events if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert purges == [3]
 
 
 def test_non_finite_loss_stops_without_poisoned_checkpoint(tmp_path):
@@ -670,6 +731,11 @@ def test_train_on_precomputed_wan_data(tmp_path):
     close(example["text"], t5.T5Encoder(tcfg).apply({"params": tparams}, ids)[0])
     assert np.any(example["text"][-1])
 
+    # The names and kinds travel with the features (the DPO sampler reads them from the index).
+    ok = [clip for clip in synthetic.CLIPS if clip.expect == "ok"]
+    assert loader.example_index(latents.data_dir) == {"path": [o.path for o in ok], "kind": [o.kind for o in ok],
+                                                      "split": ["train"] * len(ok)}
+    assert example["kind"] == ok[0].kind.encode()
     # The loader pairs every Wan field; training runs on them from the converted checkpoint.
     batch = next(loader.make_loader(latents.data_dir, batch_size=2, seed=0))
     assert {k for k in batch if k.startswith("ref_")} == {"ref_latent_dist", "ref_condition", "ref_image_embeds",

@@ -8,18 +8,21 @@ k in epoch e, with (pos_min, neg_max) = (90, 10) for the first two epochs and (8
   w     (|s_w − s_l|·0.02 / √(p_w·p_l))^1, p = the frequency of a score's 10-point bin (100 is its own bin)
 A row without a candidate is skipped, as the official loader skips it.
 
-`DPOPairs` reads the examples from a prepared dataset (vap_latents, or anything with `path` and `kind`
-fields) and the scores from its CSV, and yields batches of P pairs in the format of
-`vapjax.training.cogvideox_dpo_inputs`: target fields with a pair axis [P, 2, …] (win, lose), reference
-fields `ref_<field>` [P, 1, …], `pair_weight` [P]. Build the dataset with every score kept
-(`python -m vapjax.data.vap_data ... --config 49x480x720`: score > 0, the official DPO filter) so that the lose pool exists. Draws are seeded by
-(seed, position), so the iterator resumes exactly from `get_state()`.
+`DPOPairs` reads the examples from a prepared dataset (vap_latents) by name, the scores and kinds from
+its CSV, and yields batches of P pairs in the format of `vapjax.training.cogvideox_dpo_inputs`: target
+fields with a pair axis [P, 2, …] (win, lose), reference fields `ref_<field>` [P, 1, …], `pair_weight`
+[P]. Build the dataset with every split and every score kept (`python -m vapjax.data.vap_data ...
+--config 49x480x720_all`: score > 0, the official DPO filter) so that the pools hold every candidate;
+only its train-split examples are rows. Draws are seeded by (seed, position), so the iterator resumes
+exactly from `get_state()`.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import dataclasses
+import functools
 import math
 import random
 from typing import Any, Mapping, Sequence
@@ -66,11 +69,15 @@ class PairSampler:
         prob = math.sqrt(max(self.prob[win], self.eps) * max(self.prob[lose], self.eps))
         return (abs(self.scores[win] - self.scores[lose]) * self.scale / max(prob, self.eps)) ** self.power
 
-    def sample(self, kind: str, epoch: int, rng: random.Random) -> Pair | None:
-        pos_min, neg_max = self.stage(epoch)
+    @functools.lru_cache(maxsize=None)
+    def pools(self, kind: str, pos_min: int, neg_max: int) -> tuple[list[str], ...]:
+        """(win, lose, score-100 reference, 80 < score < 100 reference) candidates of a kind."""
         videos = self.by_kind.get(kind, [])
-        pos = [v for v in videos if self.scores[v] >= pos_min]
-        neg = [v for v in videos if self.scores[v] <= neg_max]
+        return ([v for v in videos if self.scores[v] >= pos_min], [v for v in videos if self.scores[v] <= neg_max],
+                [v for v in videos if self.scores[v] == 100], [v for v in videos if 80 < self.scores[v] < 100])
+
+    def sample(self, kind: str, epoch: int, rng: random.Random) -> Pair | None:
+        pos, neg, *refs = self.pools(kind, *self.stage(epoch))
         if not pos or not neg:
             return None
         win = rng.choice(pos)
@@ -78,10 +85,10 @@ class PairSampler:
         if not lose:
             return None
         lose = rng.choice(lose)
-        for ok in (lambda s: s == 100, lambda s: 80 < s < 100):
-            refs = [v for v in videos if ok(self.scores[v]) and v not in (win, lose)]
-            if refs:
-                return Pair(win, lose, rng.choice(refs), self.weight(win, lose))
+        for pool in refs:
+            pool = [v for v in pool if v not in (win, lose)]
+            if pool:
+                return Pair(win, lose, rng.choice(pool), self.weight(win, lose))
         return None
 
 
@@ -98,52 +105,75 @@ def read_scores(csv_path: str) -> tuple[dict[str, float], dict[str, str]]:
     return scores, kinds
 
 
-def _text(v) -> str:
-    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
 class DPOPairs:
-    """Batches of `batch_size` pairs over a random-access `source` (a sequence of records with `path`,
-    `kind` and `fields`); the rows of an epoch are the source's examples in a seeded order, strided over
-    hosts. Only videos present in the source are candidates."""
+    """Batches of `batch_size` pairs over a random-access `source` (a sequence of records with `fields`),
+    whose example i is the video `paths[i]`.
 
-    def __init__(self, source: Sequence[Mapping[str, Any]], scores: Mapping[str, float], fields: Sequence[str], *,
-                 batch_size: int, seed: int, process_index: int | None = None, process_count: int | None = None):
+    Candidates are the examples whose path has a score in `scores` (> 0); `kinds` ({path: kind}, the
+    CSV's) puts them in their kind's pool. The rows of an epoch are the examples of split "train"
+    (`splits`, default all), the official rows (DS:919-926), in a seeded order, strided over hosts.
+    Nothing is read at construction: the example names come from the dataset's index
+    (`loader.example_index`). `prefetch` batches are read ahead on `workers` threads.
+    """
+
+    def __init__(self, source: Sequence[Mapping[str, Any]], paths: Sequence[str], scores: Mapping[str, float],
+                 kinds: Mapping[str, str], fields: Sequence[str], *, batch_size: int, seed: int,
+                 splits: Sequence[str] | None = None, process_index: int | None = None,
+                 process_count: int | None = None, prefetch: int = 2, workers: int = 4):
+        if len(paths) != len(source):
+            raise ValueError(f"{len(paths)} example names for a dataset of {len(source)} examples")
         self.source, self.fields, self.batch_size, self.seed = source, tuple(fields), batch_size, seed
-        self.index = {}
-        kinds = {}
-        for i in range(len(source)):
-            rec = source[i]
-            path = _text(rec["path"])
-            self.index[path], kinds[path] = i, _text(rec["kind"])
-        self.sampler = PairSampler({p: s for p, s in scores.items() if p in self.index}, kinds)
-        self.kinds = [kinds[_text(source[i]["path"])] for i in range(len(source))]
+        self.index = {p: i for i, p in enumerate(paths)}
+        known = {p: s for p, s in scores.items() if p in self.index and p in kinds}
+        self.sampler = PairSampler(known, kinds)
+        self.rows = [i for i, p in enumerate(paths) if splits is None or splits[i] == "train"]
+        self.row_kinds = [kinds.get(paths[i]) for i in self.rows]
+        if not self.rows:
+            raise ValueError("no DPO rows: the dataset has no example of split 'train'")
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
-        self.position = self.process_index    # global row counter, this host's stride
-        if not any(self.sampler.sample(k, 0, random.Random(0)) for k in set(self.kinds)):
+        self.position = self.process_index    # global row counter of the next batch, this host's stride
+        if not any(self.sampler.sample(k, 0, random.Random(0)) for k in set(self.row_kinds) if k is not None):
             raise ValueError("no DPO pair can be drawn: no kind has both a win (score >= 90) and a lose "
                              "(score <= 10) video and a reference (score > 80); was the dataset built with "
-                             "score threshold 0?")
+                             "every split and score threshold 0 (vap_data --config 49x480x720_all)?")
+        self.prefetch = prefetch
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dpo_pairs")
+        self._pending = collections.deque()   # (position after the batch, pairs, {example: future record})
+        self._planned = self.position
+        self._order = (None, None)
 
     def _row(self, position: int) -> Pair | None:
-        epoch, k = divmod(position, len(self.source))
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.source))
-        return self.sampler.sample(self.kinds[order[k]], epoch, random.Random(f"{self.seed}/{position}"))
+        epoch, k = divmod(position, len(self.rows))
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.rows)))
+        kind = self.row_kinds[self._order[1][k]]
+        return None if kind is None else self.sampler.sample(kind, epoch, random.Random(f"{self.seed}/{position}"))
+
+    def _plan(self) -> None:
+        """Draw the next batch's pairs and start reading its records."""
+        pairs, position = [], self._planned
+        while len(pairs) < self.batch_size:
+            pair = self._row(position)
+            position += self.process_count
+            if pair is not None:
+                pairs.append(pair)
+        names = {v for p in pairs for v in (p.win, p.lose, p.ref)}
+        reads = {v: self._pool.submit(self.source.__getitem__, self.index[v]) for v in sorted(names)}
+        self._pending.append((position, pairs, reads))
+        self._planned = position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        pairs = []
-        while len(pairs) < self.batch_size:
-            pair = self._row(self.position)
-            self.position += self.process_count
-            if pair is not None:
-                pairs.append(pair)
+        while len(self._pending) < 1 + self.prefetch:
+            self._plan()
+        self.position, pairs, reads = self._pending.popleft()
+        records = {v: f.result() for v, f in reads.items()}
         out = collections.defaultdict(list)
         for p in pairs:
-            win, lose, ref = (self.source[self.index[v]] for v in (p.win, p.lose, p.ref))
+            win, lose, ref = (records[v] for v in (p.win, p.lose, p.ref))
             for f in self.fields:
                 out[f].append(np.stack([np.asarray(win[f]), np.asarray(lose[f])]))
                 out["ref_" + f].append(np.asarray(ref[f])[None])
@@ -158,4 +188,11 @@ class DPOPairs:
     def set_state(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this run uses {self.seed}")
-        self.position = int(state["position"])
+        for _, _, reads in self._pending:
+            for f in reads.values():
+                f.cancel()
+        self._pending.clear()
+        self.position = self._planned = int(state["position"])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

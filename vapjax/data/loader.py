@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 # Fields a dataset of each kind must have. A latents dataset's other fields (its family's conditions)
 # come along: every feature but the BOOKKEEPING ones is paired.
 FIELDS = {"raw": ("video", "caption"), "latents": ("latent_dist", "text")}
-BOOKKEEPING = ("ref_index", "path", "kind")
+BOOKKEEPING = ("ref_index", "path", "kind", "split")
 EMPTY_TEXT = "empty_text.npy"
 
 
@@ -47,6 +47,23 @@ def open_builder(source) -> tfds.core.DatasetBuilder:
     if isinstance(source, tfds.core.DatasetBuilder):
         return source
     return tfds.builder_from_directory(os.fspath(source))
+
+
+def example_index(source) -> dict[str, list[str]]:
+    """{"path", "kind", "split": one entry per example, in order} of a prepared dataset, from the index
+    `precompute` records in its metadata; a dataset without one (an older precompute, or `vap_data`) has
+    its records read once. A dataset without splits is all "train"."""
+    builder = open_builder(source)
+    index = (builder.info.metadata or {}).get("index")
+    if index is not None:
+        return {k: list(v) for k, v in index.items()}
+    records = builder.as_data_source(split="train")
+    index = {"path": [], "kind": [], "split": []}
+    for i in range(len(records)):
+        r = records[i]
+        for k, default in (("path", ""), ("kind", ""), ("split", "train")):
+            index[k].append(_text(r.get(k, default)))
+    return index
 
 
 def empty_text(dataset_dir) -> np.ndarray:
@@ -164,7 +181,11 @@ def make_loader(source, *, kind: str = "latents", batch_size: int, num_refs: int
     missing = [f for f in (*FIELDS[kind], "ref_index") if f not in builder.info.features]
     if missing:
         raise ValueError(f"{builder.data_dir}: no field(s) {', '.join(missing)}: not a {kind!r} dataset")
-    min_refs = builder.info.metadata.get("min_refs") if builder.info.metadata else None
+    metadata = builder.info.metadata or {}
+    if metadata.get("all_splits"):
+        raise ValueError(f"{builder.data_dir}: built with every split (the DPO candidate pools); training on pairs "
+                         "needs a dataset of the train split (vap_data without --all_splits)")
+    min_refs = metadata.get("min_refs")
     if min_refs is not None and min_refs < num_refs and not allow_fewer_refs:
         raise ValueError(f"{builder.data_dir}: some examples have only {min_refs} reference(s); num_refs={num_refs} "
                          "needs allow_fewer_refs=True")

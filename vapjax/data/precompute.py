@@ -16,8 +16,10 @@ of the pipeline's family (`vapjax.data.features`, chosen by the pipeline's VAE):
     image_embeds [257, 1280]    CLIP of the first frame
     text         [512, D]       UMT5 of the caption, no attention mask, pads kept
   both
-    ref_index, path             copied from the source
-and `empty_text.npy` (float32 [L, D], the caption "") beside it, for caption dropout.
+    ref_index, path, kind, split  copied from the source (split "train" from a source without it)
+and `empty_text.npy` (float32 [L, D], the caption "") beside it, for caption dropout. The dataset's metadata
+also holds `index`, the path, kind and split of every example in order, so that a sampler which picks
+examples by name (DPO) need not read the records (`vapjax.data.loader.example_index`).
 
 Storage is bfloat16 by default (`--dtype`): it halves the size, and the trainer's transformer takes
 bfloat16 anyway. The trainer draws x0 = mean + exp(logvar / 2)·ε (× CogVideoX's scaling factor) itself,
@@ -40,6 +42,10 @@ from vapjax.data.features import load_features
 from vapjax.data.loader import EMPTY_TEXT, open_builder
 
 
+def _text(v) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
 class VapLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """`vap_data` encoded by a family's features (`vapjax.data.features`); built by `precompute`, read with
     `tfds.builder_from_directory`."""
@@ -58,9 +64,11 @@ class VapLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         frames, height, width, _ = self._source.info.features["video"].shape
         shapes = self._features.output_shapes(frames, height, width)
         tensor = lambda shape: tfds.features.Tensor(shape=shape, dtype=self._dtype, encoding="bytes")
+        source = self._source.info.metadata or {}
         metadata = tfds.core.MetadataDict(
             source=os.fspath(self._source.data_dir), storage_dtype=self._dtype.name,
-            min_refs=(self._source.info.metadata or {}).get("min_refs"), **self._features.metadata())
+            min_refs=source.get("min_refs"), all_splits=source.get("all_splits", False),
+            **self._features.metadata())
         return tfds.core.DatasetInfo(
             builder=self,
             description="vap_data clips encoded for training: VAE posteriors, conditions, caption embeddings.",
@@ -68,6 +76,8 @@ class VapLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 **{k: tensor(s) for k, s in shapes.items()},
                 "ref_index": tfds.features.Tensor(shape=(None,), dtype=np.int64),
                 "path": tfds.features.Text(),
+                "kind": tfds.features.Text(),
+                "split": tfds.features.Text(),
             }),
             disable_shuffling=True,  # the source's order: `ref_index` addresses positions
             metadata=metadata,
@@ -86,10 +96,14 @@ class VapLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _examples(self, start: int, records: list[dict], encoded: dict[str, jax.Array]) -> Iterator:
         host = {k: np.asarray(v) for k, v in encoded.items()}
         for j, r in enumerate(records):
-            yield start + j, {**{k: v[j] for k, v in host.items()}, "ref_index": r["ref_index"], "path": r["path"]}
+            names = {k: r.get(k, d) for k, d in (("path", ""), ("kind", ""), ("split", b"train"))}
+            for k, v in names.items():
+                self._index[k].append(_text(v))
+            yield start + j, {**{k: v[j] for k, v in host.items()}, "ref_index": r["ref_index"], **names}
 
     def _generate_examples(self):
         source = self._source.as_data_source(split="train")
+        self._index = {"path": [], "kind": [], "split": []}
         previous = None
         for start in tqdm(range(0, len(source), self._batch_size), desc="vap_latents: encoding", unit="batch"):
             records = [source[i] for i in range(start, min(start + self._batch_size, len(source)))]
@@ -99,6 +113,7 @@ class VapLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             previous = current
         if previous:
             yield from self._examples(*previous)
+        self.info.metadata["index"] = self._index   # written with the dataset info after the last example
 
 
 def precompute(source, out: str, features, *, batch_size: int | None = None,

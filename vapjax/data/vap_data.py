@@ -5,9 +5,11 @@ names (paths relative to the folder). CSV columns: `video_paths`, `ref_video_pat
 paths), `tar_video_caption`, `kind`, `split`, `reference_alignment_score`, optionally `_valid`.
 
 Rows are selected as the official loader does (spec §7.6): `split == "train"`, `_valid > 0` when the
-column exists, `reference_alignment_score > score_threshold`. Each row's reference list keeps the
-surviving paths other than itself; an empty list falls back to one random surviving video of the same
-`kind`; rows left without a reference are dropped. Clips are decoded whole, resampled to `fps` (the
+column exists, `reference_alignment_score > score_threshold`. A config with `all_splits` keeps the rows
+of every split, as the official DPO loader does for its candidate pools (it filters the whole CSV before
+taking the train rows, DS:904-919); the SFT loader refuses such a dataset. Each row's reference list
+keeps the surviving paths other than itself; an empty list falls back to one random surviving video of
+the same `kind`; rows left without a reference are dropped. Clips are decoded whole, resampled to `fps` (the
 official round(linspace) rule on int(average fps)), `frames` of them picked evenly (floor(linspace)) and
 resized bicubic to height x width without keeping the aspect. Two deliberate differences: the resize is
 PIL's on uint8 pixels (`vapjax.video.resize`), where the official one is torch's on float pixels
@@ -23,10 +25,11 @@ row. The price is that every video is decoded twice (check, then write), on `wor
 Each example (in CSV order; its index is its position):
     video      uint8 [frames, height, width, 3], stored uncompressed (50.8 MB at 49x480x720)
     caption    the row's `tar_video_caption`
-    kind, path
+    kind, path, split
     ref_index  int64 [n]: indices of its references in this dataset, in the CSV's order
 
     python -m vapjax.data.vap_data --manual_dir VAP-Data --data_dir DATA [--config tiny] [--score_threshold 10]
+        [--all_splits]
 """
 from __future__ import annotations
 
@@ -70,15 +73,18 @@ class VapDataConfig(tfds.core.BuilderConfig):
     width: int = 720
     fps: int = 16
     score_threshold: float = 0.0
+    all_splits: bool = False       # keep every split (DPO candidate pools), not only "train"
     seed: int = 42
 
 
 def make_config(frames: int = 49, height: int = 480, width: int = 720, fps: int = 16,
-                score_threshold: float = 0.0, name: str | None = None) -> VapDataConfig:
-    name = name or f"{frames}x{height}x{width}_fps{fps}_score{score_threshold:g}"
+                score_threshold: float = 0.0, name: str | None = None, all_splits: bool = False) -> VapDataConfig:
+    splits = "_all" if all_splits else ""
+    name = name or f"{frames}x{height}x{width}_fps{fps}_score{score_threshold:g}{splits}"
     return VapDataConfig(name=name, frames=frames, height=height, width=width, fps=fps,
-                         score_threshold=score_threshold,
-                         description=f"{frames} frames {height}x{width} at {fps} fps, score > {score_threshold:g}")
+                         score_threshold=score_threshold, all_splits=all_splits,
+                         description=f"{frames} frames {height}x{width} at {fps} fps, score > {score_threshold:g}, "
+                                     f"{'every split' if all_splits else 'train split'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Row:
     refs: tuple[str, ...]
     caption: str
     kind: str
+    split: str = "train"
 
 
 @dataclasses.dataclass
@@ -203,12 +210,13 @@ def _ref_list(text: str) -> tuple[str, ...]:
     return tuple(refs)
 
 
-def select_rows(records: Sequence[tuple[int, dict]], threshold: float, report: Report) -> list[Row]:
+def select_rows(records: Sequence[tuple[int, dict]], threshold: float, report: Report,
+                all_splits: bool = False) -> list[Row]:
     """The official row filter; rows whose cells cannot be read are skipped and reported."""
     rows, first_line = [], {}
     report.rows += len(records)
     for line, rec in records:
-        if rec["split"] != "train":
+        if rec["split"] != "train" and not all_splits:
             report.filtered["split"] += 1
         elif "_valid" in rec and not _number(rec["_valid"]) > 0:
             report.filtered["_valid"] += 1
@@ -223,7 +231,7 @@ def select_rows(records: Sequence[tuple[int, dict]], threshold: float, report: R
                 report.skip(line, rec["video_paths"], INVALID, f"ref_video_paths {rec['ref_video_paths']!r}: {e}")
                 continue
             first_line[rec["video_paths"]] = line
-            rows.append(Row(line, rec["video_paths"], refs, rec["tar_video_caption"] or "", rec["kind"]))
+            rows.append(Row(line, rec["video_paths"], refs, rec["tar_video_caption"] or "", rec["kind"], rec["split"]))
     return rows
 
 
@@ -271,7 +279,9 @@ class VapData(tfds.core.GeneratorBasedBuilder):
         make_config(name="49x480x720"),                           # CogVideoX single-node recipe
         make_config(score_threshold=10, name="49x480x720_score10"),  # multi-node / 3-ref recipes
         make_config(49, 480, 832, score_threshold=10, name="49x480x832_score10"),  # Wan recipes
+        make_config(all_splits=True, name="49x480x720_all"),     # DPO: candidates of every split
         make_config(9, 64, 96, name="tiny"),                      # tests and demos
+        make_config(9, 64, 96, name="tiny_all", all_splits=True),
     ]
 
     def __init__(self, *, workers: int | None = None, **kwargs):
@@ -290,10 +300,11 @@ class VapData(tfds.core.GeneratorBasedBuilder):
                 "caption": tfds.features.Text(),
                 "kind": tfds.features.Text(),
                 "path": tfds.features.Text(),
+                "split": tfds.features.Text(),
                 "ref_index": tfds.features.Tensor(shape=(None,), dtype=np.int64),
             }),
             disable_shuffling=True,  # examples stay in CSV order: `ref_index` addresses positions
-            metadata=tfds.core.MetadataDict(),
+            metadata=tfds.core.MetadataDict(all_splits=c.all_splits),
         )
 
     def _split_generators(self, dl_manager):
@@ -301,7 +312,7 @@ class VapData(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, root: str):
         cfg, report = self.builder_config, Report()
-        rows = select_rows(read_csv(os.path.join(root, CSV_NAME)), cfg.score_threshold, report)
+        rows = select_rows(read_csv(os.path.join(root, CSV_NAME)), cfg.score_threshold, report, cfg.all_splits)
         problems = _ordered_map(lambda r: _video_problem(root, r, cfg), rows, self._workers)
         usable = []
         for row, problem in zip(rows, tqdm(problems, total=len(rows), desc="vap_data: checking videos")):
@@ -318,7 +329,7 @@ class VapData(tfds.core.GeneratorBasedBuilder):
         clips = _ordered_map(lambda pair: self._clip(root, pair[0]), pairs, self._workers)
         for i, ((row, refs), clip) in enumerate(zip(pairs, clips)):
             yield i, {"video": clip, "caption": row.caption, "kind": row.kind, "path": row.path,
-                      "ref_index": np.array([index[p] for p in refs], np.int64)}
+                      "split": row.split, "ref_index": np.array([index[p] for p in refs], np.int64)}
 
     def _clip(self, root: str, row: Row) -> np.ndarray:
         try:
@@ -342,12 +353,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--data_dir", required=True, help="TFDS data_dir to write to")
     p.add_argument("--config", default="49x480x720", help=f"one of {[c.name for c in VapData.BUILDER_CONFIGS]}")
     p.add_argument("--score_threshold", type=float, help="overrides the config's (a custom config is built)")
+    p.add_argument("--all_splits", action="store_true",
+                   help="keep the rows of every split (the DPO candidate pools), not only 'train'")
     p.add_argument("--workers", type=int, help="decoding threads (default min(8, CPUs))")
     args = p.parse_args(argv)
     config = args.config
-    if args.score_threshold is not None:
+    if args.score_threshold is not None or args.all_splits:
         base = VapData.builder_configs[args.config]
-        config = make_config(base.frames, base.height, base.width, base.fps, args.score_threshold)
+        threshold = base.score_threshold if args.score_threshold is None else args.score_threshold
+        config = make_config(base.frames, base.height, base.width, base.fps, threshold,
+                             all_splits=args.all_splits or base.all_splits)
     builder = build(args.manual_dir, args.data_dir, config, args.workers)
     print(builder.info.metadata["summary"])
     print(f"dataset: {builder.data_dir}")
