@@ -71,9 +71,10 @@ def load_model(c):
         params = {k: v for k, v in params.items() if k in shapes}
         params.update(random_params({k: s for k, s in shapes.items() if k == "lora" and k not in params}, c.seed))
         have, want = vtree.flatten(params), vtree.flatten(shapes)
-        # An expert module the checkpoint lacks (e.g. the head of ref_head=True) starts as its backbone twin,
-        # as the official init copies every `_mot_ref` module from its base module (CSPEC:399-403).
-        twins = {p: ("backbone",) + p[1:] for p in want if p[0] == "expert" and p not in have}
+        # A module missing from the checkpoint's expert (e.g. the head of ref_head=True) starts as its backbone
+        # twin, as the official init copies every `_mot_ref` module from its base module (CSPEC:399-403). A
+        # checkpoint without an expert stays an error (convert it with an expert).
+        twins = {p: ("backbone",) + p[1:] for p in want if p[0] == "expert" and p not in have and "expert" in params}
         have.update({p: have[q] for p, q in twins.items() if q in have})
         params = vtree.unflatten(have)
         bad = [p for p in want if p not in have or tuple(have[p].shape) != tuple(want[p].shape)]
