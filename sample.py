@@ -34,7 +34,7 @@ from tqdm import tqdm
 import convert
 from convert import __main__ as convert_cli
 from convert.errors import ConversionError
-from convert.lora import module_names
+from convert.lora import file_names
 from vapjax import cli, compile_cache, families, lora, memory, video
 from vapjax.checkpoint import CheckpointError
 from vapjax.pipelines.common import Placement, parse_mesh, placement_for
@@ -147,7 +147,7 @@ def build_pipeline(c):
     pipe = pipeline.random_from_config(c.model, **opts) if c.random_init else pipeline.load(c.checkpoint, **opts)
     if c.get("lora"):  # external LoRAs merged into the transformer once, in the order given, then placed
         t = pipe.transformer
-        names = module_names(families.get(name).transformer_kind, t.config)
+        names = file_names(families.get(name).transformer_kind, t.config)
         t.params = lora.load_into(t.params, lora.parse_spec(c.lora), names)
         pipe = type(pipe)(t, pipe.encoders, pipe.schedule, placement_for(offload, where))
     return pipe

@@ -113,6 +113,12 @@ def load_model(c):
         params = {k: v for k, v in params.items() if k in shapes}
         params.update(random_params({k: s for k, s in shapes.items() if k == "lora" and k not in params}, c.seed))
         have, want = vtree.flatten(params), vtree.flatten(shapes)
+        # A module missing from the checkpoint's expert (e.g. the head of ref_head=True) starts as its backbone
+        # twin, as the official init copies every `_mot_ref` module from its base module (CSPEC:399-403). A
+        # checkpoint without an expert stays an error (convert it with an expert).
+        twins = {p: ("backbone",) + p[1:] for p in want if p[0] == "expert" and p not in have and "expert" in params}
+        have.update({p: have[q] for p, q in twins.items() if q in have})
+        params = vtree.unflatten(have)
         bad = [p for p in want if p not in have or tuple(have[p].shape) != tuple(want[p].shape)]
         if bad:
             raise TrainingError(f"{c.init_checkpoint} does not fit the configured model: {vtree.path_str(bad[0])} "
@@ -258,12 +264,21 @@ def trainable_split(c, params, cfg):
     return trainable, frozen, vtree.merge
 
 
+def fp32_master(c) -> bool:
+    """optimizer.fp32_master: float32 master copies of the trainable weights (the expert, or what a
+    single-branch ablation trains). LoRA factors (lora.rank > 0) are float32 in any case."""
+    return bool(c.optimizer.get("fp32_master", False)) and not c.lora.rank
+
+
 def setup(c):
     """(model config, mesh, sharded train state, sharded frozen params, step function)."""
     cfg, params = load_model(c)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     objective = make_objective(c, cfg)
     trainable, frozen, combine = trainable_split(c, params, cfg)
+    cast = None
+    if fp32_master(c):  # float32 masters of the trainable weights; the model computes with param_dtype copies
+        trainable, cast = training.master_cast(jnp.float32)(trainable), training.master_cast(c.model_options.param_dtype)
     frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
     # LoRA factors are small: replicated.
     trainable = jax.device_put(trainable, sharding.replicated(mesh) if c.lora.rank else
@@ -272,14 +287,16 @@ def setup(c):
     state = jax.jit(lambda p: training.init_state(p, tx))(trainable)  # moments inherit the param shardings
     lr = training.learning_rate(c.optimizer)
     step_fn = training.make_train_step(objective, tx, lambda s: lr(s // c.optimizer.grad_accum),  # lr per optimizer step
-                                       combine)
+                                       combine, cast)
     return cfg, mesh, state, frozen, step_fn
 
 
 def current_weights(c, trainable, frozen):
-    """The transformer weights a sample uses now: the union, or the frozen weights with the LoRA merged
-    (DPO: the policy), on one device (the pipeline's)."""
-    params = lora.apply(frozen, trainable, lora_alpha(c)) if c.lora.rank else vtree.merge(trainable, frozen)
+    """The transformer weights a sample uses now: the union, or the frozen weights with the LoRA factors
+    beside their kernels (DPO: the policy), on one device (the pipeline's)."""
+    if fp32_master(c):
+        trainable = training.master_cast(c.model_options.param_dtype)(trainable)
+    params = lora.attach(frozen, trainable, lora_alpha(c)) if c.lora.rank else vtree.merge(trainable, frozen)
     return jax.device_put(params, jax.local_devices()[0])
 
 

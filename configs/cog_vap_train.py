@@ -39,12 +39,24 @@ def get_config():
     c.steps = 60_000
     c.batch_size = 8                # global
     c.caption_dropout = 0.02
-    c.ref_noise = False             # ablation: references noised to their own timestep, which drives the expert
+    # Ablation, the official reference_train_mode="reference_independent" (needs model.ref_head=True): each
+    # reference noised to its own t_ref from the lowest `ref_noise_steps` timesteps (official
+    # num_ref_diffusion_time_sigmas; its default 0 means t_ref = 999), plus a reference loss ×0.6/num_refs on
+    # the expert head's prediction. ref_noise_adaln (official random_refer_noise): t_ref drives the expert's adaLN.
+    c.ref_noise = False
+    c.ref_noise_steps = 1000
+    c.ref_noise_adaln = False
     c.scaling_factor = 0.7
     c.scheduler = ml_collections.ConfigDict(COGVIDEOX_SCHEDULER)
+    # fp32_master: float32 master copies of the trainable weights (compute stays in param_dtype, bf16). The
+    # official trainer keeps the expert in bf16 with no master copy (finetrainers sft_trainer/trainer.py:
+    # 214-222, its fp32 cast commented out), so the default matches it, though a bf16 weight drops most
+    # Adam-sized updates at lr 1e-5. Cost: 2 more bytes per trainable parameter, divided over the FSDP
+    # shards (mesh.fsdp; gradients stay bf16): CogVideoX expert 5.435 B -> +10.9 GB in all (+1.36 GB per GPU
+    # on 8), Wan expert d10 4.279 B -> +8.6 GB, d20 8.318 B -> +16.6 GB, all 16.395 B -> +32.8 GB.
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-5, warmup_steps=1000, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=1e-4,
-        grad_clip=1.0, fp32_moments=True, grad_accum=1))
+        grad_clip=1.0, fp32_moments=True, fp32_master=False, grad_accum=1))
     # kind: "latents" (python -m vapjax.data.precompute), "raw" (vap_data, encoded on the fly with the VAE
     # and T5 of `pipeline`), or "synthetic" (RandomLatents of `size` examples, for smoke tests).
     # num_refs references per sample; mask_ref_ratio > 0 trains with N = 1 + Binomial(num_refs − 1,

@@ -36,6 +36,37 @@ _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "scale_shift_t
 _IGNORED = re.compile(r"(^|\.)norm_added_q\.")
 
 
+# Wan's original module names (the Wan2.1 repository's, which most community LoRAs use:
+# `diffusion_model.blocks.0.self_attn.q.lora_down.weight`, `lora_unet_blocks_0_cross_attn_k...`) for
+# the backbone's Linear layers: (pattern over the diffusers name, the original name).
+_ORIGINAL_NAMES = [
+    (r"blocks\.(\d+)\.attn1\.to_([qkv])", r"blocks.\1.self_attn.\2"),
+    (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
+    (r"blocks\.(\d+)\.attn2\.to_([qkv])", r"blocks.\1.cross_attn.\2"),
+    (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
+    (r"blocks\.(\d+)\.attn2\.add_([kv])_proj", r"blocks.\1.cross_attn.\2_img"),
+    (r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.ffn.0"),
+    (r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.ffn.2"),
+    (r"condition_embedder\.time_proj", "time_projection.1"),
+    (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
+    (r"condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
+    (r"condition_embedder\.time_embedder\.linear_1", "time_embedding.0"),
+    (r"condition_embedder\.time_embedder\.linear_2", "time_embedding.2"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "img_emb.proj.1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2", "img_emb.proj.3"),
+    (r"proj_out", "head.head"),
+]
+
+
+def original_name(module: str) -> str | None:
+    """The Wan2.1 repository's name of a diffusers Linear module (`blocks.3.attn2.add_k_proj` ->
+    `blocks.3.cross_attn.k_img`), or None (the VAP expert's modules exist only under diffusers names)."""
+    for pattern, original in _ORIGINAL_NAMES:
+        if re.fullmatch(pattern, module):
+            return re.sub(pattern, original, module)
+    return None
+
+
 def _torch_name(path: Path, expert: bool) -> tuple[str, Transform]:
     """(official key without the layer prefix, transform) for one of our stream-relative paths."""
     s = "/".join(path[:-1]) + "/"

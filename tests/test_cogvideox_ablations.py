@@ -159,6 +159,27 @@ def test_single_branch_empty_reference_is_the_stock_model():
         assert rel_err(forward(cfg, p, lat, txt, t, ref, ref_txt), out) > 1e-3  # a real reference matters
 
 
+
+def test_single_branch_drops_the_reference_caption():
+    """The official single branch patch-embeds the reference with the target's caption and keeps only its
+    video rows (stock cogvideox_transformer_3d.py:480-489): the reference's caption changes nothing."""
+    cfg = config(structure="single_branch", expert_layers=())
+    p = params_for(cfg)
+    lat, txt, t, ref, ref_txt = inputs(cfg)
+    np.testing.assert_array_equal(forward(cfg, p, lat, txt, t, ref, ref_txt),
+                                  forward(cfg, p, lat, txt, t, ref, 3 * ref_txt + 1))
+
+
+def test_single_branch_lora_init_is_peft_kaiming_uniform():
+    """A ~ U(±1/√D) (PEFT's kaiming-uniform with a = √5, fan-in D), from the model's init and from the
+    random weights a training run draws for a missing LoRA; B = 0."""
+    cfg = config(structure="single_branch_lora", lora_rank=4, expert_layers=())
+    for tree in (cogvideox.init_params(cfg, jax.random.PRNGKey(1))["lora"], params_for(cfg)["lora"]):
+        a = np.concatenate([np.ravel(ab["lora_a"]) for ab in tree["blocks"].values()])
+        bound = 1 / np.sqrt(cfg.dim)
+        assert np.abs(a).max() <= bound and abs(a.std() - bound / np.sqrt(3)) < 0.1 * bound / np.sqrt(3)
+        assert all(np.all(ab["lora_b"] == 0) for ab in tree["blocks"].values())
+
 def test_zero_lora_is_the_backbone():
     """LoRA with zero up-projections (its initialisation) is the backbone itself, with or without a reference;
     a nonzero LoRA changes the output."""
@@ -231,6 +252,21 @@ def test_reference_timestep():
     with pytest.raises(ValueError, match="ref_t drives the expert's adaLN"):
         forward(sb, params_for(sb), *x, ref_t=jnp.zeros(B))
 
+
+
+def test_reference_head():
+    """ref_head (official reference_independent): the expert's own output head predicts the references
+    ([B, N·F, H, W, C]) beside the unchanged target prediction; it needs the head and a reference."""
+    cfg = config(ref_head=True)
+    p, x = params_for(cfg), inputs(cfg, num_refs=2)
+    assert set(p["expert"]["head"]) == set(p["backbone"]["head"])
+    model = cogvideox.CogVideoXTransformer(cfg)
+    out, ref = jax.jit(lambda p_: model.apply({"params": p_}, *x, ref_output=True))(p)
+    np.testing.assert_array_equal(out, forward(cfg, p, *x))
+    assert ref.shape == x[3].shape[:-1] + (cfg.out_channels,) and np.all(np.isfinite(ref))
+    plain = config()
+    with pytest.raises(ValueError, match="ref_output needs the expert's output head"):
+        cogvideox.CogVideoXTransformer(plain).apply({"params": params_for(plain)}, *x, ref_output=True)
 
 def test_residual_addition_needs_one_reference_of_the_target_size():
     cfg = config(structure="residual_addition")

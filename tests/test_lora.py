@@ -8,7 +8,9 @@ which is what PEFT's merged forward computes.
 """
 import json
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,10 +21,11 @@ import test_cogvideox as tc
 import test_wan as tw
 from conftest import rel_err
 from convert.cogvideox import convert_transformer as convert_cog
-from convert.lora import module_names
+from convert.lora import file_names, module_names
 from convert.wan import convert_transformer as convert_wan
 from vapjax import lora
 from vapjax.models import cogvideox, wan
+from vapjax.random_init import random_params
 
 
 def torch_merge(model, updates: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> None:
@@ -180,6 +183,81 @@ def test_expert_modules_have_mot_names():
     assert "transformer_blocks.1.attn1_mot_ref.to_q" not in names
 
 
+def wan_inputs(rng):
+    """(latents, t, text, image) in torch's layout (the kohya test's shapes)."""
+    return (rng.standard_normal((2, tw.TINY["in_channels"], 4, 4, 6)).astype(np.float32), np.array([999.0, 3.0], np.float32),
+            rng.standard_normal((2, wan.TEXT_TOKENS, tw.TINY["text_dim"])).astype(np.float32),
+            rng.standard_normal((2, 5, tw.TINY["image_dim"])).astype(np.float32))
+
+
+def wan_ours(cfg, params, inputs):
+    x, t, text, image = inputs
+    out = wan.WanTransformer(cfg).apply({"params": params}, x.transpose(0, 2, 3, 4, 1), text, image, t)
+    return np.asarray(out).transpose(0, 4, 1, 2, 3)
+
+
+def test_original_wan_naming_matches_diffusers(tmp_path):
+    """A LoRA in Wan's original naming (`diffusion_model.blocks.0.self_attn.q.lora_down.weight`, `.alpha`,
+    bias deltas `.diff_b`, zeroed norm `.diff`), as community Wan LoRAs are written: diffusers' own
+    converter (`_convert_non_diffusers_wan_lora_to_diffusers`, α/r folded into the factors, `diff_b` as
+    lora_B.bias) merged into the stock model gives our forward; the same file in kohya's underscored
+    form (`lora_unet_blocks_0_cross_attn_k...`) gives the same weights."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers  # noqa: PLC0415
+    model = tw.stock_model(tmp_path / "m")
+    cfg, params = convert_wan(str(tmp_path / "m"))
+    rng = np.random.default_rng(4)
+    d, ffn, img = model.config.num_attention_heads * model.config.attention_head_dim, model.config.ffn_dim, \
+        model.config.image_dim
+    shapes = {"blocks.0.self_attn.q": (d, d), "blocks.1.self_attn.o": (d, d), "blocks.0.cross_attn.k": (d, d),
+              "blocks.1.cross_attn.k_img": (d, d), "blocks.1.cross_attn.v_img": (d, d), "blocks.0.ffn.2": (ffn, d),
+              "head.head": (d, model.proj_out.out_features), "img_emb.proj.1": (img, img)}
+    tensors = {}
+    for i, (name, (fan_in, out)) in enumerate(shapes.items()):
+        r = 2 + i % 2
+        tensors[f"{name}.lora_down.weight"] = (rng.standard_normal((r, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
+        tensors[f"{name}.lora_up.weight"] = 0.3 * rng.standard_normal((out, r)).astype(np.float32)
+        if i % 3 != 2 and name.startswith("blocks."):   # (diffusers reads α on the blocks only)
+            tensors[f"{name}.alpha"] = np.array(1.5 * r, np.float32)
+    for name, n in (("blocks.0.self_attn.q", d), ("blocks.1.ffn.0", ffn), ("blocks.0.cross_attn.v", d)):
+        tensors[f"{name}.diff_b"] = 0.2 * rng.standard_normal(n).astype(np.float32)
+    tensors["blocks.0.norm3.diff"] = np.zeros(d, np.float32)      # the zeroed norm deltas such files carry
+    tensors["blocks.0.norm3.diff_b"] = np.zeros(d, np.float32)
+    save_file({f"diffusion_model.{k}": v for k, v in tensors.items()}, str(tmp_path / "orig.safetensors"))
+    kohya = {}
+    for k, v in tensors.items():
+        module, kind = (k[:-len(".lora_down.weight")], "lora_down.weight") if k.endswith(".lora_down.weight") else \
+            (k[:-len(".lora_up.weight")], "lora_up.weight") if k.endswith(".lora_up.weight") else k.rsplit(".", 1)
+        kohya[f"lora_unet_{module.replace('.', '_')}.{kind}"] = v
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+
+    names = file_names("wan_transformer", cfg)
+    got = lora.load_into(params, [(str(tmp_path / "orig.safetensors"), 0.8)], names)
+    jax.tree.map(np.testing.assert_array_equal,
+                 lora.load_into(params, [(str(tmp_path / "kohya.safetensors"), 0.8)], names), got)
+
+    sd = _convert_non_diffusers_wan_lora_to_diffusers({f"diffusion_model.{k}": torch.from_numpy(v)
+                                                       for k, v in tensors.items()})
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, value in sd.items():
+            module = key[len("transformer."):].rsplit(".lora_", 1)[0]
+            if key.endswith("lora_A.weight"):
+                modules[module].weight += 0.8 * sd[key.replace("lora_A", "lora_B")] @ value
+            elif key.endswith("lora_B.bias"):
+                modules[module].bias += 0.8 * value
+    inputs = wan_inputs(rng)
+    with torch.no_grad():
+        want = model(*map(torch.from_numpy, inputs), return_dict=False)[0].numpy()
+    err = rel_err(wan_ours(cfg, got, inputs), want)
+    print(f"Wan + original-naming LoRA: fp32 relative error vs diffusers {err:.2e}")
+    assert err <= 1e-5 and rel_err(wan_ours(cfg, params, inputs), want) > 1e-2   # the LoRA matters
+    # Export keeps the diffusers names; a nonzero norm delta is still refused, naming the module.
+    assert "blocks.0.self_attn.q" not in module_names("wan_transformer", cfg)
+    save_file({"diffusion_model.blocks.0.norm3.diff_b": np.ones(d, np.float32)}, str(tmp_path / "norm.safetensors"))
+    with pytest.raises(lora.LoRAError, match="blocks.0.norm3 is not a Linear layer"):
+        lora.load_into(params, [(str(tmp_path / "norm.safetensors"), 1.0)], names)
+
+
 def test_sample_merges_lora_files(tmp_path):
     """sample.py --config.lora=a:2|b: the tiny pipeline's transformer carries both merges; a key of another
     model is a one-line error naming it."""
@@ -206,3 +284,58 @@ def test_sample_merges_lora_files(tmp_path):
     with pytest.raises(ValueError, match=r"transformer_blocks.1.ffn.net.0.proj is not a Linear layer") as e:
         sample.build_pipeline(c)
     assert "\n" not in str(e.value)
+
+
+def test_bf16_lora_step_survives_in_the_layer():
+    """One Adam-sized LoRA step on bf16 weights (the DPO regime: d 1024, r = α = 32, W ~ N(0, 0.02²), A
+    kaiming-uniform, B = ±5e-5 after one step at lr 5e-5). Merged into W (`lora.apply`), W + ΔW rounds
+    back to W's bf16 grid and the layer's output keeps almost none of x·ΔW; in the layer (`lora.attach` +
+    `lora.Dense`, what training uses) the output moves by x·ΔW: its projection on the exact fp32 x·ΔW is ~1.
+    (The bf16 output is rounded after the fp32 sum, so the per-element rounding dithers and averages out.)"""
+    d, r, n = 1024, 32, 512
+    rng = np.random.default_rng(0)
+    bf16 = jnp.bfloat16
+    x = jnp.asarray(rng.standard_normal((n, d)), bf16)
+    params = {"layer": {"kernel": jnp.asarray(rng.normal(0, 0.02, (d, d)), bf16), "bias": jnp.zeros((d,), bf16)}}
+    factors = {"layer": {"lora_down": jnp.asarray(rng.uniform(-1, 1, (d, r)) / np.sqrt(d), jnp.float32),
+                         "lora_up": jnp.asarray(5e-5 * np.sign(rng.standard_normal((r, d))), jnp.float32)}}
+    layer = lora.Dense(d, dtype=bf16, param_dtype=bf16)
+    out = jax.jit(lambda p: layer.apply({"params": p["layer"]}, x).astype(jnp.float32))
+    base = out(params)
+    exact = np.asarray(x, np.float32) @ (np.asarray(factors["layer"]["lora_down"]) @ np.asarray(factors["layer"]["lora_up"]))
+    kept = lambda p: float(np.sum((out(p) - base) * exact) / np.sum(exact * exact))
+    merged, in_layer = kept(lora.apply(params, factors, 32.0)), kept(lora.attach(params, factors, 32.0))
+    print(f"bf16, one LoRA step: fraction of x·ΔW kept merged {merged:.3f}, in the layer {in_layer:.3f}")
+    assert abs(merged) < 0.2 and abs(in_layer - 1) < 0.1
+    # Without factors the layer is nn.Dense exactly.
+    np.testing.assert_array_equal(base, nn.Dense(d, dtype=bf16, param_dtype=bf16).apply(
+        {"params": params["layer"]}, x).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_attached_factors_equal_the_merge_in_both_families(family):
+    """The training LoRA on every Linear kernel of a tiny random model: `lora.attach` (the layers add
+    (α/r)·(x·A)·B) gives the float32 merged model's output (`lora.apply`) within 1e-5 relative."""
+    rng = np.random.default_rng(0)
+    if family == "cogvideox":
+        cfg = cogvideox.CogVideoXConfig(num_heads=2, head_dim=16, in_channels=8, out_channels=4, time_embed_dim=8,
+                                        text_embed_dim=8, num_layers=3, sample_height=4, sample_width=6,
+                                        sample_frames=5, max_text_seq_length=5, use_learned_pos=False,
+                                        expert_layers=(0, 2))
+        params = random_params(cogvideox.param_shapes(cfg), 0)
+        x = tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((1, 2, 4, 6, 8), (1, 5, 8)))
+        inputs = (*x, jnp.array([300.0]), *x)
+        fwd = lambda p: cogvideox.CogVideoXTransformer(cfg).apply({"params": p}, *inputs)
+    else:
+        cfg = wan.WanConfig(num_heads=2, head_dim=8, in_channels=12, out_channels=4, text_dim=8, image_dim=8,
+                            freq_dim=8, ffn_dim=16, num_layers=2, expert_layers=(1,))
+        params = random_params(wan.param_shapes(cfg), 0)
+        lat = jnp.asarray(rng.standard_normal((1, 2, 4, 4, 12)), jnp.float32)
+        txt = jnp.asarray(rng.standard_normal((1, wan.TEXT_TOKENS, 8)), jnp.float32)
+        img = jnp.asarray(rng.standard_normal((1, 3, 8)), jnp.float32)
+        fwd = lambda p: wan.WanTransformer(cfg).apply({"params": p}, lat, txt, img, jnp.array([300.0]), lat, txt, img, 1)
+    factors = lora.init(params, r"kernel$", 2, jax.random.key(0))
+    factors = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), factors)
+    want = fwd(lora.apply(params, factors, 4.0))
+    err = rel_err(np.asarray(fwd(lora.attach(params, factors, 4.0))), np.asarray(want))
+    assert err <= 1e-5 and rel_err(np.asarray(fwd(params)), np.asarray(want)) > 1e-2, err

@@ -145,7 +145,7 @@ def test_dpo_inputs_pair_layout():
 
 
 def test_tiny_dpo_raises_the_reward_margin(tmp_path):
-    """60 steps of cog_vap_dpo_tiny: the implicit reward margin rises from ~0 (policy = reference at B = 0);
+    """60 steps of cog_vap_dpo_tiny: the implicit reward margin rises from ~0 (policy ≈ reference at B = 0);
     only LoRA factors train (optimizer state for them alone); the base weights are untouched; the exported
     file puts the LoRA back. Measured: margin 0.01 → 0.71 (mean of the first / last 10 steps)."""
     from train import load_model, train  # noqa: PLC0415
@@ -155,7 +155,8 @@ def test_tiny_dpo_raises_the_reward_margin(tmp_path):
     history, state, frozen = train(c)
     margin = np.array([m["reward_margin"] for m in history])
     print(f"tiny DPO: reward margin {margin[:10].mean():.3f} -> {margin[-10:].mean():.3f}")
-    assert abs(margin[0]) < 1e-6 and margin[-10:].mean() > 0.3 and margin[-10:].mean() > 10 * abs(margin[:10].mean())
+    # Step 0: the policy is the reference up to float32 rounding (the LoRA layer sums x·W in its own fusion), ×β/2.
+    assert abs(margin[0]) < 1e-3 and margin[-10:].mean() > 0.3 and margin[-10:].mean() > 10 * abs(margin[:10].mean())
     jax.tree.map(np.testing.assert_array_equal, frozen, initial)
     paths = set(vtree.flatten(state.params))
     assert {p[0] for p in paths} == {"backbone", "expert"} and all(p[-1] in ("lora_down", "lora_up") for p in paths)

@@ -767,6 +767,29 @@ def test_unfreeze_regex_and_fp32_moments(tmp_path):
     assert np.any(np.asarray(head) != np.asarray(initial["backbone"]["head"]["proj_out"]["kernel"]))
 
 
+
+def test_fp32_master_keeps_small_updates(tmp_path):
+    """optimizer.fp32_master: the trainable weights are float32 masters of a bf16 model (the frozen ones
+    stay bf16). Three Adam steps at lr 1e-5 move the master weights, while a bf16 weight would keep few
+    of those moves (the rest round back to the bf16 grid); the step computes with bf16 copies, so the
+    first step's loss is the bf16 run's."""
+    from train import load_model, train  # noqa: PLC0415
+    c = tiny_config(tmp_path, steps=3, **{"optimizer.learning_rate": 1e-5, "optimizer.warmup_steps": 0,
+                                          "optimizer.fp32_master": True})
+    c.model_options.update(dict(dtype="bfloat16", param_dtype="bfloat16"))
+    _, initial = load_model(c)
+    history, state, frozen = train(c)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.params))
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(frozen) if jnp.issubdtype(a.dtype, jnp.floating))
+    flat, init = vtree.flatten(state.params), vtree.flatten(initial)
+    moved = lambda cast: np.mean(np.concatenate([np.ravel(cast(a) != cast(init[p])) for p, a in flat.items()]))
+    in_master, in_bf16 = moved(np.asarray), moved(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16)))
+    print(f"3 steps at lr 1e-5: fraction of weights moved, fp32 masters {in_master:.3f}, rounded to bf16 {in_bf16:.3f}")
+    assert in_master > 0.5 and in_bf16 < 0.2 * in_master   # (the last expert layer's tail gets no gradient)
+    c2 = tiny_config(tmp_path / "bf16", steps=1, **{"optimizer.learning_rate": 1e-5, "optimizer.warmup_steps": 0})
+    c2.model_options.update(dict(dtype="bfloat16", param_dtype="bfloat16"))
+    assert train(c2)[0][0]["loss"] == history[0]["loss"]
+
 def test_ablation_structure_trains_from_a_vap_checkpoint(tmp_path):
     """A training config switches a converted VAP checkpoint to an ablation (c.model overrides the
     checkpoint's architecture): single-branch LoRA drops the expert, adds a zero-initialised LoRA, trains
@@ -789,28 +812,72 @@ def test_ablation_structure_trains_from_a_vap_checkpoint(tmp_path):
     assert all(np.any(np.asarray(ab["lora_b"]) != 0) for ab in state.params["lora"]["blocks"].values())
 
 
+
+def test_noisy_reference_trains_from_a_vap_checkpoint(tmp_path):
+    """ref_noise with model.ref_head=True on a VAP checkpoint without an expert head: the head starts as
+    the backbone's (the official init copies every `_mot_ref` module from its base), two steps log the
+    reference loss and train the head."""
+    from train import load_model, train  # noqa: PLC0415
+    from vapjax import checkpoint  # noqa: PLC0415
+    c = tiny_config(tmp_path / "run", steps=2, ref_noise=True, ref_noise_steps=100)
+    cfg, params = load_model(c)
+    checkpoint.save(str(tmp_path / "vap"), params, cfg)
+    c.random_init, c.init_checkpoint = False, str(tmp_path / "vap")
+    c.model = ml_collections.ConfigDict(dict(ref_head=True))
+    _, initial = load_model(c)
+    jax.tree.map(np.testing.assert_array_equal, initial["expert"]["head"], initial["backbone"]["head"])
+    history, state, _ = train(c)
+    assert all(np.isfinite(m["loss_reference"]) and m["loss_reference"] > 0 for m in history)
+    head = state.params["expert"]["head"]["proj_out"]["kernel"]
+    assert np.any(np.asarray(head) != np.asarray(initial["expert"]["head"]["proj_out"]["kernel"]))
+
 def test_noisy_reference():
-    """ref_noise: the reference clip channels are noised to the sample's own t_ref (ᾱ = 1 leaves them,
-    ᾱ = 0 replaces them by unit noise), the first-frame condition stays clean, and the objective hands the
-    model the noised reference with `ref_t` (a stand-in model records its call)."""
+    """The official reference_independent mode (TR:631-649, 742-767; CSPEC:609-618, 731-734): each
+    reference is noised to its own t_ref from the lowest K timesteps (K = 0: the official t = 999), clip
+    channels only (ᾱ = 1 leaves them, ᾱ = 0 replaces them by unit noise); the reference loss is the
+    §7.3 objective of the expert's prediction per reference × 0.6 / num_refs, summed; the expert's adaLN
+    keeps the target t unless ref_noise_adaln (a stand-in model records its call)."""
     rng = np.random.default_rng(0)
-    ref = jnp.asarray(rng.standard_normal((2, 4, 2, 3, 8), np.float32))
-    cond = {"ref_latents": ref, "text": jnp.zeros(1)}
+    x0, ref = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in ((2, 2, 2, 3, 8), (2, 4, 2, 3, 8)))
+    cond = {"x0": x0, "ref_latents": ref, "text": jnp.zeros(1)}
     for value in (1.0, 0.0):
         out = training.noisy_reference(cond, jax.random.PRNGKey(0), np.full(1000, value))
         np.testing.assert_array_equal(out["ref_latents"][..., 4:], ref[..., 4:])
-        assert out["ref_t"].shape == (2,) and out["text"] is cond["text"]
+        np.testing.assert_array_equal(out["ref_x0"], ref[..., :4])
+        assert out["ref_noise_t"].shape == (2, 2) and "ref_t" not in out and out["text"] is cond["text"]
         clip = np.asarray(out["ref_latents"][..., :4])
         if value == 1.0:
             np.testing.assert_array_equal(clip, ref[..., :4])
         else:
             corr = np.corrcoef(clip.ravel(), np.asarray(ref[..., :4]).ravel())[0, 1]
             assert abs(corr) < 0.2 and 0.8 < clip.std() < 1.2
+    with pytest.raises(ValueError, match="needs one reference, the batch has 2"):
+        training.noisy_reference(cond, jax.random.PRNGKey(0), np.full(1000, 0.5), drive_adaln=True)
+    key = jax.random.PRNGKey(3)
+    table = training.ddim_timestep_table()
+    assert set(np.asarray(training.reference_timesteps(key, (4000,), 50)).tolist()) == set(table[-50:].tolist())
+    assert set(np.asarray(training.reference_timesteps(key, (10,), 0)).tolist()) == {999}
 
-    class Recorder:  # the model's call signature; predicts zeros
-        def apply(self, variables, latents, text, t, ref_latents, ref_text, ref_t=None):
-            self.ref_latents, self.ref_t = ref_latents, ref_t
-            return jnp.zeros(latents.shape[:-1] + (latents.shape[-1] // 2,), latents.dtype)
+    # The loss, per reference, as the official trainer writes it (scheduler.get_velocity, 1/(1−ᾱ)).
+    sched = CogVideoXDDIMScheduler.from_config(cog_vap_train.COGVIDEOX_SCHEDULER)
+    alphas = DDIMSchedule.from_config(cog_vap_train.COGVIDEOX_SCHEDULER).alphas_cumprod
+    noisy = training.noisy_reference(cond, jax.random.PRNGKey(0), alphas, num_steps=20)
+    v = rng.standard_normal((2, 4, 2, 3, 4)).astype(np.float32)
+    want = 0.0
+    for i in range(2):
+        t_i = torch.from_numpy(np.asarray(noisy["ref_noise_t"][:, i]))
+        x_t = torch.from_numpy(np.asarray(noisy["ref_latents"][:, 2 * i:2 * i + 2, ..., :4]))
+        pred = sched.get_velocity(torch.from_numpy(v[:, 2 * i:2 * i + 2]), x_t, t_i)
+        w = (1 / (1 - sched.alphas_cumprod[t_i])).float().reshape(-1, 1, 1, 1, 1)
+        want += (w * (pred - torch.from_numpy(np.asarray(ref[:, 2 * i:2 * i + 2, ..., :4]))) ** 2).mean((1, 2, 3, 4)).mean() * 0.6 / 3
+    got = training.reference_loss(jnp.asarray(v), noisy, alphas, num_refs=3)
+    assert abs(float(got) - want.item()) <= 1e-5 * want.item()
+
+    class Recorder:  # the model's call signature; predicts zeros for the target and the references
+        def apply(self, variables, latents, text, t, ref_latents, ref_text, ref_t=None, ref_output=False):
+            self.ref_latents, self.ref_t, self.ref_output = ref_latents, ref_t, ref_output
+            out = jnp.zeros(latents.shape[:-1] + (latents.shape[-1] // 2,), latents.dtype)
+            return (out, jnp.zeros(ref_latents.shape[:-1] + (ref_latents.shape[-1] // 2,))) if ref_output else out
 
     from vapjax import families  # noqa: PLC0415
     c = tiny_config("/unused")
@@ -818,14 +885,21 @@ def test_noisy_reference():
     data, empty = families.get("cogvideox").synthetic_data(c, cfg)
     batch, alphas = next(data), DDIMSchedule.from_config(c.scheduler.to_dict()).alphas_cumprod
     seen = {}
-    for noisy in (False, True):
+    for noisy, adaln in ((False, False), (True, False), (True, True)):
         model = Recorder()
         objective = training.cogvideox_objective(model, alphas, scaling_factor=0.7, caption_dropout=0.0,
-                                                 dtype=jnp.float32, ref_noise=noisy)
-        assert np.isfinite(float(objective(None, batch, jax.random.PRNGKey(1), jnp.asarray(empty))))
-        seen[noisy] = model
-    assert seen[False].ref_t is None and seen[True].ref_t.shape == (c.batch_size,)
-    clean, noised = seen[False].ref_latents, seen[True].ref_latents
+                                                 dtype=jnp.float32, ref_noise=noisy, ref_noise_steps=100,
+                                                 ref_noise_adaln=adaln)
+        out = objective(None, batch, jax.random.PRNGKey(1), jnp.asarray(empty))
+        loss = out[0] if noisy else out
+        assert np.isfinite(float(loss))
+        if noisy:
+            assert float(out[1]["loss_reference"]) > 0 and float(loss) == float(out[1]["loss_target"] + out[1]["loss_reference"])
+        seen[noisy, adaln] = model
+    assert seen[False, False].ref_t is None and not seen[False, False].ref_output
+    assert seen[True, False].ref_t is None and seen[True, False].ref_output       # official default: target t
+    assert seen[True, True].ref_t.shape == (c.batch_size,) and np.all(np.asarray(seen[True, True].ref_t) < 100)
+    clean, noised = seen[False, False].ref_latents, seen[True, False].ref_latents
     half = clean.shape[-1] // 2
     np.testing.assert_array_equal(noised[..., half:], clean[..., half:])
     assert not np.allclose(noised[..., :half], clean[..., :half])

@@ -62,9 +62,15 @@ class Family:
 def _cogvideox_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:
     """v-prediction DDIM (spec §7.3) with the schedule, scaling factor and caption dropout of config `c`."""
     schedule = sampling.DDIMSchedule.from_config(c.scheduler.to_dict())
+    ref_noise = c.get("ref_noise", False)
+    if ref_noise and not cfg.ref_head:
+        raise ValueError("ref_noise=True trains the reference's own prediction: set model.ref_head=True (the "
+                         "expert's output head, initialised from the backbone's)")
     return training.cogvideox_objective(cogvideox.CogVideoXTransformer(cfg), schedule.alphas_cumprod,
                                         scaling_factor=c.scaling_factor, caption_dropout=c.caption_dropout,
-                                        dtype=jnp.dtype(cfg.dtype), ref_noise=c.get("ref_noise", False))
+                                        dtype=jnp.dtype(cfg.dtype), ref_noise=ref_noise,
+                                        ref_noise_steps=c.get("ref_noise_steps", 1000),
+                                        ref_noise_adaln=c.get("ref_noise_adaln", False), num_refs=c.data.num_refs)
 
 
 def _cogvideox_dpo_objective(c, cfg: cogvideox.CogVideoXConfig) -> Callable:

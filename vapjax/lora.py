@@ -7,11 +7,14 @@ Two uses:
   merged into the weights once. Module names are the official PyTorch ones; which of our parameters (and
   which layer slot of a stacked one) a module is comes from a `names` map {torch module: (path, slot)}
   built by the converter's key rules (convert/lora.py; the runtime never imports convert/).
-- *LoRA training* (config `lora`): trainable factors for the Linear kernels whose path matches a regex,
-  kept in our layout — `lora_down` [..., in, r] = Aᵀ, `lora_up` [..., r, out] = Bᵀ beside each kernel
-  [..., in, out] (a leading layer axis for stacked blocks) — applied by merging inside the step, so the
-  model code is untouched and gradients reach only the factors. `export` writes them as a diffusers/PEFT
-  file that the official pipeline loads with `load_lora_weights`.
+- *LoRA training* (config `lora`): trainable float32 factors for the Linear kernels whose path matches a
+  regex, kept in our layout — `lora_down` [..., in, r] = Aᵀ, `lora_up` [..., r, out] = Bᵀ beside each
+  kernel [..., in, out] (a leading layer axis for stacked blocks). Inside the step they are *not* merged
+  into the weights: `attach` puts them beside their kernels and the models' `Dense` computes
+  y = x·W + (α/r)·(x·Aᵀ)·Bᵀ. A merge into bf16 weights would round W + ΔW back to W's bf16 grid, where an
+  Adam-sized ΔW (~1e-4 of W) mostly vanishes, and would build a full-size ΔW and its gradient per kernel.
+  `export` writes the factors as a diffusers/PEFT file that the official pipeline loads with
+  `load_lora_weights`; `apply` merges them (float32 weights, export checks).
 
 Our Dense kernels are torch's weight transposed, so the merged kernel update is s·(α/r)·Aᵀ·Bᵀ.
 """
@@ -23,6 +26,8 @@ import math
 import re
 from typing import Mapping, Sequence
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,15 +46,25 @@ class LoRAError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Update:
-    """One module's low-rank update in PyTorch layout: down = A [r, in], up = B [out, r]."""
-    down: np.ndarray
-    up: np.ndarray
-    alpha: float
+    """One module's update in PyTorch layout: a low-rank pair down = A [r, in], up = B [out, r] (scaled
+    α/r), and/or the original-Wan community format's full deltas, `diff` [out, in] of the weight and
+    `diff_b` [out] of the bias (added as they are)."""
+    down: np.ndarray | None = None
+    up: np.ndarray | None = None
+    alpha: float = 1.0
     name: str = ""          # the module's name in the file (for error messages)
+    diff: np.ndarray | None = None
+    diff_b: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    def weight_delta(self) -> np.ndarray | None:
+        """The kernel update [in, out] (our kernels are torch's weight transposed), float32, or None."""
+        parts = ([(self.alpha / self.rank) * (self.down.T @ self.up.T)] if self.down is not None else []) + \
+                ([self.diff.T] if self.diff is not None else [])
+        return sum(parts[1:], parts[0]) if parts else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +72,12 @@ class Update:
 # ---------------------------------------------------------------------------------------------
 
 _PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.", "model.")
-_PEFT = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$")
-_PEFT_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
-_KOHYA = re.compile(r"^lora_(?:unet|transformer)_(?P<module>[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
+_PEFT = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_]+)?\.weight$")
+_PEFT_OTHER = re.compile(r"^(?P<module>.+)\.(?P<kind>alpha|diff|diff_b)$")
+_KOHYA = re.compile(r"^lora_(?:unet|transformer)_(?P<module>[^.]+)\."
+                    r"(?P<kind>lora_down\.weight|lora_up\.weight|alpha|diff|diff_b)$")
+_KINDS = {"lora_A": "down", "lora_down": "down", "lora_down.weight": "down", "lora_B": "up", "lora_up": "up",
+          "lora_up.weight": "up", "alpha": "alpha", "diff": "diff", "diff_b": "diff_b"}
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
@@ -84,8 +102,11 @@ def _strip(key: str) -> str:
 
 
 def read(path: str) -> dict[str, Update]:
-    """{module name: Update} of a diffusers/PEFT or kohya safetensors file. Kohya names keep their
-    underscores (`resolve` maps them); α defaults to the rank (scale 1) as PEFT's does."""
+    """{module name: Update} of a diffusers/PEFT, kohya or original-Wan (`diffusion_model.blocks.0.
+    self_attn.q.lora_down.weight`, `.diff`, `.diff_b`) safetensors file. Kohya names keep their
+    underscores (`resolve` maps them); α defaults to the rank (scale 1) as PEFT's does. A module whose
+    only entries are all-zero `diff`/`diff_b` (the zeroed norm deltas such files carry) changes nothing
+    and is left out."""
     from safetensors import safe_open  # noqa: PLC0415  (optional dependency of the runtime)
     try:
         with safe_open(path, "np") as f:
@@ -100,29 +121,27 @@ def read(path: str) -> dict[str, Update]:
         adapter = {_strip(k): v for k, v in json.loads(meta[METADATA_KEY]).items()}
     parts: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        m = _KOHYA.match(key)
-        if m:
-            kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["kind"]]
-        else:
-            k = _strip(key)
-            m = _PEFT.match(k) or _PEFT_ALPHA.match(k)
-            if not m:
-                raise LoRAError(f"{path}: {key} is neither a diffusers/PEFT (lora_A/lora_B) nor a kohya "
-                                "(lora_down/lora_up) LoRA key")
-            kind = {"lora_A": "down", "lora_B": "up"}.get(m.groupdict().get("kind"), "alpha")
-        parts.setdefault(m["module"], {})[kind] = np.asarray(value)
+        m = _KOHYA.match(key) or _PEFT.match(_strip(key)) or _PEFT_OTHER.match(_strip(key))
+        if not m:
+            raise LoRAError(f"{path}: {key} is neither a diffusers/PEFT (lora_A/lora_B), a kohya (lora_down/lora_up) "
+                            "nor an original-Wan (diff, diff_b) LoRA key")
+        parts.setdefault(m["module"], {})[_KINDS[m["kind"]]] = np.asarray(value, np.float32)
     out = {}
     for module, p in parts.items():
-        if "down" not in p or "up" not in p:
+        deltas = {"diff", "diff_b"} & set(p)
+        if "down" not in p and "up" not in p and deltas and not any(np.any(p[k]) for k in deltas):
+            continue  # zero deltas: nothing to apply
+        if ("down" in p) != ("up" in p) or not ({"down"} | deltas) & set(p):
             raise LoRAError(f"{path}: module {module} has {'no up (lora_B)' if 'down' in p else 'no down (lora_A)'} "
                             "weight")
-        down, up = p["down"].astype(np.float32), p["up"].astype(np.float32)
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        down, up = p.get("down"), p.get("up")
+        if down is not None and (down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]):
             raise LoRAError(f"{path}: module {module} has down {down.shape} and up {up.shape}, not [r, in] and [out, r]")
         alpha = p.get("alpha")
-        if alpha is None:
+        if alpha is None and down is not None:
             alpha = adapter.get("alpha_pattern", {}).get(module, adapter.get("lora_alpha", down.shape[0]))
-        out[module] = Update(down, up, float(np.asarray(alpha).reshape(())), module)
+        out[module] = Update(down, up, 1.0 if alpha is None else float(np.asarray(alpha).reshape(())), module,
+                             p.get("diff"), p.get("diff_b"))
     return out
 
 
@@ -135,26 +154,37 @@ def resolve(updates: Mapping[str, Update], names: Mapping[str, Slot], what: str 
         name = module if module in names else kohya.get(module)
         if name is None:
             raise LoRAError(f"{what}: {module} is not a Linear layer of this transformer")
+        if names[name] in out:
+            raise LoRAError(f"{what}: {module} and {out[names[name]].name} are the same layer")
         out[names[name]] = u
     return out
 
 
 def merge(params: Mapping, updates: Mapping[Slot, Update], scale: float = 1.0, what: str = "LoRA") -> dict:
-    """params with W[slot] += scale·α/r·(B·A)ᵀ for each update, summed in float32 and cast back; one
-    addition per parameter (all layer slots of a stacked kernel at once)."""
+    """params with W[slot] += scale·(α/r·(B·A) + diff)ᵀ and b[slot] += scale·diff_b for each update,
+    summed in float32 and cast back; one addition per parameter (all layer slots of a stacked kernel at
+    once)."""
     flat = dict(vtree.flatten(params))
-    by_path: dict[Path, list] = {}
+    deltas: dict[Path, np.ndarray] = {}
+
+    def add(path, slot, d, u, label):
+        w = flat.get(path)
+        if w is None:
+            raise LoRAError(f"{what}: {u.name} has a {label}, but {vtree.path_str(path)} does not exist")
+        have = tuple(w.shape[1:] if slot is not None else w.shape)
+        if d.shape != have:
+            raise LoRAError(f"{what}: {u.name} updates {vtree.path_str(path)} of shape {have} with {d.shape}")
+        delta = deltas.setdefault(path, np.zeros(w.shape, np.float32))
+        delta[() if slot is None else slot] += scale * d
+
     for (path, slot), u in updates.items():
-        by_path.setdefault(path, []).append((slot, u))
-    for path, items in by_path.items():
+        d = u.weight_delta()
+        if d is not None:
+            add(path, slot, d, u, "weight update")
+        if u.diff_b is not None:
+            add(path[:-1] + ("bias",), slot, u.diff_b, u, "bias update (diff_b)")
+    for path, delta in deltas.items():
         w = flat[path]
-        delta = np.zeros(w.shape, np.float32)
-        for slot, u in items:
-            d = (scale * u.alpha / u.rank) * (u.down.T @ u.up.T)  # [in, out]
-            have = tuple(w.shape[1:] if slot is not None else w.shape)
-            if d.shape != have:
-                raise LoRAError(f"{what}: {u.name} updates {vtree.path_str(path)} of shape {have} with {d.shape}")
-            delta[() if slot is None else slot] += d
         flat[path] = (jnp.asarray(w, jnp.float32) + delta).astype(w.dtype)
     return vtree.unflatten(flat)
 
@@ -194,9 +224,62 @@ def init(params: Mapping, targets: str, rank: int, rng: jax.Array) -> dict:
     return vtree.unflatten(out)
 
 
+class Dense(nn.Dense):
+    """nn.Dense, plus a low-rank update when `lora_down` [in, r] and `lora_up` [r, out] sit beside its
+    kernel (`attach`): y = x·W + (x·down)·up + b. The factors are cast to the compute dtype like W, both
+    products accumulate in float32 and the output is rounded once, so an update far below W's bf16
+    resolution still moves y (a bf16 y rounded before the addition would drop it again). Without the
+    factors this is nn.Dense exactly."""
+
+    def __call__(self, x):
+        if not self.has_variable("params", "lora_down"):
+            return super().__call__(x)
+        dt = self.dtype or x.dtype
+        get = lambda name: self.get_variable("params", name).astype(dt)
+        x = x.astype(dt)
+        dot = lambda a, w, out=None: jax.lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())),
+                                                         precision=self.precision, preferred_element_type=out)
+        y = dot(x, get("kernel"), jnp.float32) + dot(dot(x, get("lora_down")), get("lora_up"), jnp.float32)
+        if self.use_bias:
+            y = y + get("bias").astype(jnp.float32)
+        return y.astype(dt)
+
+
+FACTORS = ("lora_down", "lora_up")
+
+
+def stacked_param(module: nn.Module, name: str, init) -> dict:
+    """`module.param(name, init)` for a parameter that is a whole tree (a stream's layer stack), which
+    may carry LoRA factors beside its kernels (`attach`). Flax checks a stored parameter against its
+    initializer's shapes leaf by leaf, which the extra leaves would misalign; this checks the same with
+    the factors left out."""
+    if not module.has_variable("params", name):
+        return module.param(name, init)
+    value = module.get_variable("params", name)
+    plain = vtree.unflatten({p: a for p, a in vtree.flatten(value).items() if p[-1] not in FACTORS})
+    want = jax.eval_shape(init, jax.random.key(0))
+    for have, expect in zip(jax.tree.leaves(plain), jax.tree.leaves(want)):
+        if np.shape(have) != np.shape(expect):
+            raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, np.shape(have), np.shape(expect))
+    return value
+
+
+def attach(params: Mapping, factors: Mapping, alpha: float, scale: float = 1.0) -> dict:
+    """params with each factored kernel's `lora_down` and scale·(α/r)·`lora_up` beside it, for `Dense`
+    (the training-time LoRA: differentiable in the factors, no full-size ΔW). `factors` = `init`'s tree."""
+    flat = dict(vtree.flatten(params))
+    for p, a in vtree.flatten(factors).items():
+        if p[:-1] + ("kernel",) not in flat:
+            raise LoRAError(f"LoRA factor {vtree.path_str(p)} has no kernel beside it")
+        rank = a.shape[-1] if p[-1] == "lora_down" else a.shape[-2]
+        flat[p] = a if p[-1] == "lora_down" else a * (scale * alpha / rank)
+    return vtree.unflatten(flat)
+
+
 def apply(params: Mapping, factors: Mapping, alpha: float, scale: float = 1.0) -> dict:
-    """params with each factored kernel W + scale·(α/r)·down·up (the training-time merge; differentiable
-    in the factors). `factors` = `init`'s tree; with all `up` zero this is `params` exactly."""
+    """params with each factored kernel merged, W + scale·(α/r)·down·up, in float32 and cast back to W's
+    dtype (export and float32 checks; a bf16 W loses small updates here, so training uses `attach`).
+    `factors` = `init`'s tree; with all `up` zero this is `params` exactly."""
     flat = dict(vtree.flatten(params))
     lora = vtree.flatten(factors)
     for p, down in lora.items():

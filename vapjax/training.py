@@ -219,17 +219,57 @@ def cogvideox_predictor(model, params, cond: Mapping[str, Array]) -> Callable[[A
     return predict
 
 
-def noisy_reference(cond: Mapping[str, Array], rng: Array, alphas_cumprod: np.ndarray) -> dict[str, Array]:
-    """The noisy-reference ablation (Diffusion-Forcing style): each sample's references are noised to their
-    own timestep t_ref (the target's draw, drawn independently), x = √ᾱ x0 + √(1−ᾱ) ε on the clip channels
-    (the first-frame condition stays clean), and `ref_t` = t_ref drives the expert's adaLN."""
+def reference_timesteps(rng: Array, shape: tuple[int, ...], num_steps: int, num_train_timesteps: int = 1000) -> Array:
+    """The official noisy-reference draw (TR:631-649): the DDIM draw restricted to the lowest `num_steps`
+    timesteps (`num_ref_diffusion_time_sigmas`): idx uniform on {0 … K−1} over the table's last K entries,
+    t = K−1 … 0 (with the table's five −1 quirks). K = 0 is the official default and quirk: the slice
+    `sigmas[-0:]` is the whole table and idx is always 0, so t = 999."""
+    table = ddim_timestep_table(num_train_timesteps)
+    if num_steps <= 0:
+        return jnp.full(shape, table[0], jnp.int32)
+    idx = jax.random.randint(rng, shape, 0, num_steps)
+    return jnp.asarray(table[num_train_timesteps - num_steps:])[idx]
+
+
+def noisy_reference(cond: Mapping[str, Array], rng: Array, alphas_cumprod: np.ndarray, num_steps: int = 1000,
+                    drive_adaln: bool = False) -> dict[str, Array]:
+    """The official `reference_independent` mode (CSPEC:609-618, 731-734): each reference of each sample is
+    noised to its own timestep t_ref (`reference_timesteps`: the lowest `num_steps`), x = √ᾱ x0 + √(1−ᾱ) ε
+    on its clip channels (the first-frame condition stays clean). Returns the inputs with the noisy
+    references, plus `ref_x0` (the clean clip channels, the reference loss's target) and `ref_noise_t`
+    [B, N]. `drive_adaln` (official `random_refer_noise`): t_ref also drives the expert's adaLN (`ref_t`);
+    our expert shares one embedding across references, so that needs one reference."""
     k_t, k_noise = jax.random.split(rng)
-    ref = cond["ref_latents"]
-    b, c = ref.shape[0], ref.shape[-1] // 2
-    t_ref = cogvideox_timesteps(k_t, b, len(alphas_cumprod))
-    ab = jnp.asarray(alphas_cumprod, ref.dtype)[t_ref].reshape((-1,) + (1,) * (ref.ndim - 1))
-    clip = jnp.sqrt(ab) * ref[..., :c] + jnp.sqrt(1 - ab) * jax.random.normal(k_noise, ref[..., :c].shape, ref.dtype)
-    return {**cond, "ref_latents": jnp.concatenate([clip, ref[..., c:]], axis=-1), "ref_t": t_ref}
+    ref, frames = cond["ref_latents"], cond["x0"].shape[1]
+    b, nf, c = ref.shape[0], ref.shape[1], ref.shape[-1] // 2
+    n = nf // frames
+    t_ref = reference_timesteps(k_t, (b, n), num_steps, len(alphas_cumprod))
+    ab = jnp.repeat(jnp.asarray(alphas_cumprod, ref.dtype)[t_ref], frames, axis=1).reshape((b, nf) + (1,) * (ref.ndim - 2))
+    x0 = ref[..., :c]
+    clip = jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * jax.random.normal(k_noise, x0.shape, ref.dtype)
+    out = {**cond, "ref_latents": jnp.concatenate([clip, ref[..., c:]], axis=-1), "ref_x0": x0, "ref_noise_t": t_ref}
+    if drive_adaln:
+        if n != 1:
+            raise ValueError(f"ref_noise.adaln drives the expert's adaLN with the reference's timestep: it needs one "
+                             f"reference, the batch has {n}")
+        out["ref_t"] = t_ref[:, 0]
+    return out
+
+
+def reference_loss(v_ref: Array, cond: Mapping[str, Array], alphas_cumprod: np.ndarray, num_refs: int) -> Array:
+    """The official reference loss (TR:742-767): per reference i, the §7.3 objective of the expert's
+    prediction v̂ᵢ on its noisy clip — x̂0 = √ᾱ x_t − √(1−ᾱ) v̂ᵢ, w = 1/(1−ᾱ) at its t_ref, mean over its
+    elements and the batch — times 0.6 / `num_refs` (the configured number of references), summed over i."""
+    t_ref, x0 = cond["ref_noise_t"], cond["ref_x0"]
+    b, n = t_ref.shape
+    split = lambda a: a.reshape((b, n, -1) + a.shape[2:])
+    x_t = split(cond["ref_latents"][..., :x0.shape[-1]])
+    expand = lambda a: a.reshape((b, n) + (1,) * (x_t.ndim - 2))
+    ab = expand(jnp.asarray(alphas_cumprod, x_t.dtype)[t_ref])
+    x0_hat = jnp.sqrt(ab) * x_t - jnp.sqrt(1 - ab) * split(v_ref.astype(jnp.float32))
+    w = expand(jnp.asarray((1.0 / (1.0 - np.asarray(alphas_cumprod, np.float64))).astype(np.float32))[t_ref])
+    per_ref = jnp.mean(w * jnp.square(x0_hat - split(x0)), axis=tuple(range(2, x_t.ndim)))   # [B, N]
+    return jnp.sum(jnp.mean(per_ref, axis=0)) * 0.6 / num_refs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,20 +326,35 @@ def init_state(trainable: Any, tx: optax.GradientTransformation) -> TrainState:
 
 
 def cogvideox_objective(model, alphas_cumprod: np.ndarray, *, scaling_factor: float, caption_dropout: float,
-                        dtype, ref_noise: bool = False) -> Callable:
+                        dtype, ref_noise: bool = False, ref_noise_steps: int = 1000, ref_noise_adaln: bool = False,
+                        num_refs: int = 1) -> Callable:
     """objective(params, batch, rng, empty_text) -> loss: CogVideoX-VAP on a precomputed batch
-    (fresh posterior draws, official t draw, v-prediction loss on the target only); `ref_noise`: the
-    references noised to their own timestep (`noisy_reference`)."""
+    (fresh posterior draws, official t draw, v-prediction loss on the target only). `ref_noise`: the
+    official `reference_independent` mode — references noised to their own timesteps (`noisy_reference`),
+    and the expert's head predicts them (a ref_head model) for `reference_loss`; returns (loss, {the
+    target's and the reference's loss})."""
     alphas = np.asarray(alphas_cumprod, np.float64)
 
     def objective(params, batch, rng, empty_text):
         k_in, k_t, k_noise = jax.random.split(rng, 3)
         x = cogvideox_inputs(batch, k_in, scaling_factor, empty_text, caption_dropout, dtype)
-        if ref_noise:  # its own key: the default path's draws stay as they are
-            x = noisy_reference(x, jax.random.fold_in(rng, 1), alphas)
         t = cogvideox_timesteps(k_t, x["x0"].shape[0], len(alphas))
         noise = jax.random.normal(k_noise, x["x0"].shape).astype(dtype)
-        return cogvideox_loss(cogvideox_predictor(model, params, x), x["x0"], noise, t, alphas)
+        if not ref_noise:
+            return cogvideox_loss(cogvideox_predictor(model, params, x), x["x0"], noise, t, alphas)
+        # its own key: the default path's draws stay as they are
+        x = noisy_reference(x, jax.random.fold_in(rng, 1), alphas, ref_noise_steps, ref_noise_adaln)
+        seen = {}
+
+        def predict(x_t, t_):
+            latents = jnp.concatenate([x_t, x["image"].astype(x_t.dtype)], axis=-1)
+            v, seen["ref"] = model.apply({"params": params}, latents, x["text"], t_, x["ref_latents"], x["ref_text"],
+                                         ref_t=x.get("ref_t"), ref_output=True)
+            return v
+
+        target = cogvideox_loss(predict, x["x0"], noise, t, alphas)
+        ref = reference_loss(seen["ref"], x, alphas, num_refs)
+        return target + ref, {"loss_target": target, "loss_reference": ref}
 
     return objective
 
@@ -342,14 +397,25 @@ def wan_objective(model, *, caption_dropout: float, dtype, num_train_timesteps: 
     return objective
 
 
+def master_cast(dtype) -> Callable[[Any], Any]:
+    """fp32 master weights: the stored (float32) trainable tree -> the copy the model computes with
+    (`dtype`, e.g. bf16), so the forward and backward are those of `dtype` weights while the optimizer's
+    small updates accumulate in float32 (a bf16 weight drops an update below half its spacing)."""
+    dt = jnp.dtype(dtype)
+    return lambda tree: jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: optax.Schedule,
-                    combine: Callable[[Any, Any], Any] = vtree.merge) -> Callable:
+                    combine: Callable[[Any, Any], Any] = vtree.merge,
+                    cast: Callable[[Any], Any] | None = None) -> Callable:
     """train_step(state, frozen, batch, rng, empty_text) -> (state, metrics) for any
     objective(params, batch, rng, empty_text) -> loss or (loss, {name: scalar}) (`cogvideox_objective`,
     `wan_objective`, `dpo_objective`). The objective's params are `combine(trainable, frozen)`: the union of
-    the two trees (default), or e.g. LoRA factors merged into the frozen weights (`lora_combine`).
-    Gradients flow only into `state.params`; `frozen` is a plain input. Randomness is folded from
-    (rng, step), so a resumed run draws what an uninterrupted one would."""
+    the two trees (default), or e.g. LoRA factors beside the frozen weights (`lora_combine`).
+    Gradients flow only into `state.params`; `frozen` is a plain input. `cast` (`master_cast`): the
+    stored params are float32 masters, the objective sees `cast(params)` and the gradients are taken
+    with respect to that copy (in its dtype, as without masters); the optimizer updates the masters.
+    Randomness is folded from (rng, step), so a resumed run draws what an uninterrupted one would."""
 
     def loss_fn(trainable, frozen, batch, rng, empty_text):
         out = objective(combine(trainable, frozen), batch, rng, empty_text)
@@ -357,7 +423,8 @@ def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: o
 
     def train_step(state: TrainState, frozen, batch, rng, empty_text):
         rng = jax.random.fold_in(rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng, empty_text)
+        compute = state.params if cast is None else cast(state.params)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(compute, frozen, batch, rng, empty_text)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state.step), **aux}
@@ -367,14 +434,15 @@ def make_train_step(objective: Callable, tx: optax.GradientTransformation, lr: o
 
 
 def lora_combine(alpha: float) -> Callable[[Any, Any], Any]:
-    """combine(factors, frozen) for LoRA training: every frozen weight, the factored kernels merged."""
-    return lambda factors, frozen: lora.apply(frozen, factors, alpha)
+    """combine(factors, frozen) for LoRA training: every frozen weight, the factors beside their kernels
+    (`lora.attach`: the layers add (α/r)·(x·A)·B to x·W; no merged weights, no full-size ΔW)."""
+    return lambda factors, frozen: lora.attach(frozen, factors, alpha)
 
 
 def dpo_combine(alpha: float) -> Callable[[Any, Any], dict]:
-    """combine(factors, frozen) for DPO: the policy (LoRA merged) and the reference (LoRA off) — the same
+    """combine(factors, frozen) for DPO: the policy (LoRA attached) and the reference (LoRA off) — the same
     frozen weights, no second copy."""
-    return lambda factors, frozen: {"policy": lora.apply(frozen, factors, alpha), "reference": frozen}
+    return lambda factors, frozen: {"policy": lora.attach(frozen, factors, alpha), "reference": frozen}
 
 
 # ---------------------------------------------------------------------------------------------

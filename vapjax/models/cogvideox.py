@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vapjax import attention as attention_paths
-from vapjax import offload, quantize
+from vapjax import lora, offload, quantize
 from vapjax.attention import IMPLEMENTATIONS
 from vapjax.numerics import torch_linspace
 from vapjax.sharding import constrain
@@ -56,8 +56,8 @@ _UNSUPPORTED = {
 #   residual_addition          A4, official `ablation_residual_addition` (COG:293-373): the expert runs on
 #                              the reference alone, the frozen block as usual, then the expert's hidden
 #                              states are added to the target's (text to text, video to video)
-#   single_branch              A1, no expert: the reference's caption and video tokens join the backbone's
-#                              own sequence, the whole backbone is finetuned
+#   single_branch              A1, no expert: the reference's video tokens (not its caption, as the official
+#                              code) join the backbone's own sequence, the whole backbone is finetuned
 #   single_branch_lora         A1 with the backbone frozen and LoRA (`lora_rank`) on its attention q, k, v, out
 STRUCTURES = ("mot", "unidirectional_cross_attn", "residual_addition", "single_branch", "single_branch_lora")
 SINGLE_BRANCH = ("single_branch", "single_branch_lora")
@@ -126,6 +126,8 @@ class CogVideoXConfig:
     structure: str = "mot"
     ref_rope: str = "shifted"
     lora_rank: int = 0               # single_branch_lora only
+    ref_head: bool = False           # the expert's own output head (official reference_train_mode=
+                                     # "reference_independent"): `ref_output=True` also predicts the reference
     # Run options (not architecture).
     dtype: str = "float32"           # compute dtype; norms statistics, RoPE and timestep features stay fp32
     param_dtype: str = "float32"
@@ -206,6 +208,8 @@ class CogVideoXConfig:
             raise ValueError(f"ref_rope={self.ref_rope!r}: expected one of {', '.join(REF_ROPES)}")
         if not self.has_expert and self.expert_layers:
             raise ValueError(f"structure={self.structure!r} has no expert: set expert_layers=()")
+        if self.ref_head and not self.expert_layers:
+            raise ValueError("ref_head=True is the expert's output head: it needs an expert (expert_layers)")
         if (self.structure == "single_branch_lora") != (self.lora_rank > 0):
             raise ValueError(f"lora_rank={self.lora_rank} with structure={self.structure!r}: "
                              f"single_branch_lora needs lora_rank > 0, the other structures 0")
@@ -333,8 +337,8 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(cfg: CogVideoXConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+def _dense(cfg: CogVideoXConfig, features: int, name: str) -> lora.Dense:
+    return lora.Dense(features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
 
 
 class LayerNormZero(nn.Module):
@@ -497,7 +501,7 @@ class Stream(nn.Module):
         c = self.cfg
         self.patch_embed = PatchEmbed(c)
         self.time_embedding = TimestepEmbedding(c)
-        self.blocks = self.param("blocks", self._init_blocks)
+        self.blocks = lora.stacked_param(self, "blocks", self._init_blocks)  # LoRA factors may sit beside kernels
         if self.with_head:
             self.head = OutputHead(c)
 
@@ -545,6 +549,8 @@ class CogVideoXTransformer(nn.Module):
     ref_text    [B, N·S, text_embed_dim]    reference captions, concatenated in the same order
     ref_t       [B] or None                 the reference's own timestep for the expert's adaLN (a noisy
                                             reference, Diffusion-Forcing style); None: the target's `t`
+    ref_output  bool                        also return the reference's prediction [B, N·F, H, W, C] from
+                                            the expert's head (ref_head=True; the noisy-reference loss)
     """
     cfg: CogVideoXConfig
 
@@ -552,24 +558,27 @@ class CogVideoXTransformer(nn.Module):
         c = self.cfg
         self.backbone = Stream(c, c.num_layers, with_head=True, quantize=c.quantize, name="backbone")
         if c.expert_layers:
-            self.expert = Stream(c, len(c.expert_layers), with_head=False, name="expert")
+            self.expert = Stream(c, len(c.expert_layers), with_head=c.ref_head, name="expert")
         if c.structure == "single_branch_lora":
             self.lora = self.param("lora", self._init_lora)
 
     def _init_lora(self, rng):
-        """{'blocks': {target: {lora_a [L, D, r] ~ N(0, 1/D), lora_b [L, r, D] = 0}}} (stacked per layer
-        like the streams' blocks): zero B, so the output at initialisation is the backbone's."""
+        """{'blocks': {target: {lora_a [L, D, r], lora_b [L, r, D] = 0}}} (stacked per layer like the
+        streams' blocks), as PEFT initialises its default LoRA: A kaiming-uniform with a = √5, i.e.
+        U(±1/√D) for fan-in D; zero B, so the output at initialisation is the backbone's."""
         c = self.cfg
         dt = jnp.dtype(c.param_dtype)
         keys = jax.random.split(rng, len(LORA_TARGETS))
+        bound = 1.0 / math.sqrt(c.dim)
         return {"blocks": {
-            name: {"lora_a": (jax.random.normal(k, (c.num_layers, c.dim, c.lora_rank)) / math.sqrt(c.dim)).astype(dt),
+            name: {"lora_a": jax.random.uniform(k, (c.num_layers, c.dim, c.lora_rank), jnp.float32,
+                                                -bound, bound).astype(dt),
                    "lora_b": jnp.zeros((c.num_layers, c.lora_rank, c.dim), dt)}
             for name, k in zip(LORA_TARGETS, keys)}}
 
     def __call__(self, latents: Array, text: Array, t: Array,
                  ref_latents: Array | None = None, ref_text: Array | None = None,
-                 ref_t: Array | None = None) -> Array:
+                 ref_t: Array | None = None, ref_output: bool = False):
         c = self.cfg
         b, f, hh, ww, _ = latents.shape
         p = c.patch_size
@@ -588,12 +597,14 @@ class CogVideoXTransformer(nn.Module):
                              f"(structure={c.structure!r})")
         n_ref_video = 0  # single branch: reference video tokens at the front of the backbone's sequence
         if use_ref and not c.has_expert:
-            # Single branch: [ref_text; tgt_text] and [ref_video; tgt_video] form the backbone's one
-            # sequence; attention sees it as [ref_text, tgt_text, ref_video, tgt_video] — the same joint
-            # attention as [ref_text, ref_video, tgt_text, tgt_video], as it has no mask.
-            ref_video, ref_tok, rope_ref, _ = self._embed_refs(self.backbone, ref_latents, ref_text, f)
+            # Single branch: the reference's video tokens join the backbone's one sequence, and its
+            # caption does not: the official model patch-embeds the reference with the *target's* caption
+            # and keeps only the video rows (stock cogvideox_transformer_3d.py:480-489, CSPEC:758-766).
+            # [tgt_text, ref_video, tgt_video] is the official [tgt_text, tgt_video, ref_video] up to a
+            # permutation of tokens with their RoPE rows, which unmasked attention does not see.
+            ref_video, _, rope_ref, _ = self._embed_refs(self.backbone, ref_latents, ref_text, f)
             n_ref_video = ref_video.shape[1]
-            video, text_tok = jnp.concatenate([ref_video, video], 1), jnp.concatenate([ref_tok, text_tok], 1)
+            video = jnp.concatenate([ref_video, video], 1)
             if rope is not None:
                 rope = tuple(jnp.concatenate(ab, 0) for ab in zip(rope_ref, rope))
             use_ref = False
@@ -609,7 +620,7 @@ class CogVideoXTransformer(nn.Module):
                 raise ValueError(f"structure='residual_addition' adds the reference to the target: it needs "
                                  f"one reference of the target's size, got {n}")
         runs = layer_runs(c.num_layers, c.expert_layers if use_ref else ())
-        lora = self.lora["blocks"] if c.structure == "single_branch_lora" else None
+        lora_blocks = self.lora["blocks"] if c.structure == "single_branch_lora" else None
 
         state = (video, text_tok) + ((ref_video, ref_tok) if use_ref else ())
         expert_offset = 0
@@ -624,14 +635,21 @@ class CogVideoXTransformer(nn.Module):
             else:
                 def body(s, pl):  # the reference stream, if any, passes through unchanged
                     s = tuple(constrain(x, TOKENS) for x in s)
-                    pb = pl if lora is None else with_lora(*pl)
+                    pb = pl if lora_blocks is None else with_lora(*pl)
                     return Block(c, parent=None).apply({"params": pb}, s[0], s[1], emb, rope) + s[2:], None
-                xs = bb if lora is None else (bb, jax.tree.map(lambda a: a[start:stop], lora))
+                xs = bb if lora_blocks is None else (bb, jax.tree.map(lambda a: a[start:stop], lora_blocks))
                 state, _ = jax.lax.scan(self._remat(body), state, xs)
 
-        out = self.backbone.head(state[0][:, n_ref_video:], emb)                # [B, F·h·w, p·p·C]
-        out = out.reshape(b, f, gh, gw, c.out_channels, p, p).transpose(0, 1, 2, 5, 3, 6, 4)
-        return out.reshape(b, f, hh, ww, c.out_channels)
+        unpatch = lambda x, frames: x.reshape(b, frames, gh, gw, c.out_channels, p, p).transpose(
+            0, 1, 2, 5, 3, 6, 4).reshape(b, frames, hh, ww, c.out_channels)
+        out = unpatch(self.backbone.head(state[0][:, n_ref_video:], emb), f)    # [B, F·h·w, p·p·C] -> latents
+        if not ref_output:
+            return out
+        if not (c.ref_head and use_ref):
+            raise ValueError("ref_output needs the expert's output head (ref_head=True) and a reference")
+        # The reference's own prediction (COG:1065-1087): its video tokens after the last expert layer
+        # through the expert's head, modulated by the expert's embedding.
+        return out, unpatch(self.expert.head(state[2], emb_ref), ref_video.shape[1] // (gh * gw))
 
     def init_all(self, latents, text, t):
         """Creates every parameter without running the layer stack (cheap `init`)."""
@@ -673,14 +691,12 @@ class CogVideoXTransformer(nn.Module):
 
 
 def with_lora(block_params, lora_params):
-    """One backbone layer's parameters with its LoRA merged into the attention projections,
-    W + A·B (scale α/r = 1), in float32 (a bf16 run rounds the merged kernel at the matmul, as it
-    rounds W)."""
+    """One backbone layer's parameters with its LoRA factors beside the attention projections' kernels,
+    where `lora.Dense` adds (x·A)·B to x·W (scale α/r = 1): not merged into W, whose bf16 grid would
+    swallow small updates."""
     attn = dict(block_params["attn"])
     for name, ab in lora_params.items():
-        kernel = attn[name]["kernel"]
-        delta = ab["lora_a"].astype(jnp.float32) @ ab["lora_b"].astype(jnp.float32)
-        attn[name] = {**attn[name], "kernel": kernel.astype(jnp.float32) + delta}
+        attn[name] = {**attn[name], "lora_down": ab["lora_a"], "lora_up": ab["lora_b"]}
     return {**block_params, "attn": attn}
 
 

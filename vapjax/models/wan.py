@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vapjax import offload, quantize
+from vapjax import lora, offload, quantize
 from vapjax.models.cogvideox import TOKENS, attention, layer_runs, timestep_features
 from vapjax.sharding import constrain
 
@@ -203,9 +203,9 @@ def _pdt(cfg: WanConfig):
     return jnp.dtype(cfg.param_dtype)
 
 
-def _dense(cfg: WanConfig, features: int, name: str, fp32: bool = False) -> nn.Dense:
+def _dense(cfg: WanConfig, features: int, name: str, fp32: bool = False) -> lora.Dense:
     dt, pdt = (jnp.float32, jnp.float32) if fp32 else (_dt(cfg), _pdt(cfg))
-    return nn.Dense(features, dtype=dt, param_dtype=pdt, name=name)
+    return lora.Dense(features, dtype=dt, param_dtype=pdt, name=name)
 
 
 def layer_norm(x: Array, eps: float) -> Array:
@@ -435,7 +435,7 @@ class Stream(nn.Module):
         c = self.cfg
         self.patch_embedding = _dense(c, c.dim, "patch_embedding")
         self.condition_embedder = ConditionEmbedder(c)
-        self.blocks = self.param("blocks", self._init_blocks)
+        self.blocks = lora.stacked_param(self, "blocks", self._init_blocks)  # LoRA factors may sit beside kernels
         if not self.expert:
             self.head = OutputHead(c)
 
