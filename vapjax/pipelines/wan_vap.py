@@ -92,7 +92,7 @@ class WanVAP:
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets the weights and compute of the
         transformer and UMT5 (default: as stored); the VAE and CLIP run in float32 as the official
         inference script loads them. `attention` picks the transformer's dot_product_attention implementation
-        (at 480x832 only a fused one fits: "cudnn"). `offload` (`vapjax.memory.OFFLOAD_MODES`): which
+        (default: the automatic choice; at 480x832 only a flash-style one fits: "cudnn" or "blockwise"). `offload` (`vapjax.memory.OFFLOAD_MODES`): which
         weights live on the host between uses."""
         require_pipeline_folder(path)
         placement = placement_for(offload, placement)
