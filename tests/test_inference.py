@@ -11,6 +11,7 @@ import jax
 import jax.extend
 import numpy as np
 import pytest
+from jax._src.lib.mlir import ir  # MLIR's Python bindings, to walk a lowered program's uses
 
 from configs import cog_vap_tiny, wan_vap_tiny
 from conftest import ROOT, golden_dir
@@ -62,8 +63,8 @@ def test_dry_run_compiles_every_stage_on_abstract_weights(family):
 
 
 
-# Primitives that may touch a host-resident array: moving it, or slicing a layer out of its stack.
-MOVES = {"device_put", "slice", "dynamic_slice", "squeeze", "reshape", "scan", "pjit", "jit", "closed_call",
+# Primitives that may touch a host-resident array: moving it, or indexing a layer out of its stack.
+MOVES = {"device_put", "dynamic_slice", "squeeze", "reshape", "scan", "pjit", "jit", "closed_call",
          "checkpoint", "remat", "while", "cond", "custom_jvp_call", "custom_vjp_call"}
 
 
@@ -77,6 +78,63 @@ def host_reads(jaxpr) -> list[str]:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += host_reads(sub)
     return found
+
+
+def host_transfers(lowered):
+    """How the pinned-host arguments of `lowered` (a program lowered for CUDA) reach the device, found by
+    following every use of each through loops and calls: ({argument: (its shape, the shapes it moves to
+    the device)}, violations). A host stack may only be passed on (while, call) or have ONE layer
+    dynamically sliced out of it; a host layer may only be reshaped and moved to the device
+    (annotate_device_placement). Violations: any other op on host data (a slice of several layers before
+    the loop — a whole-run copy —, host compute)."""
+    module = lowered.compiler_ir("stablehlo")
+    funcs = {ir.StringAttr(op.attributes["sym_name"]).value: op for op in module.body.operations}
+    main = funcs["main"]
+    args = zip(main.regions[0].blocks[0].arguments, ir.ArrayAttr(main.attributes["arg_attrs"]))
+    transfers, violations = {}, []
+
+    def follow(value, i, layer, calls=()):
+        for use in value.uses:
+            op, k = use.owner, use.operand_number
+            shape = lambda: tuple(ir.RankedTensorType(op.results[0].type).shape)
+            if op.name == "stablehlo.while":
+                for region in op.regions:
+                    follow(region.blocks[0].arguments[k], i, layer, calls)
+                follow(op.results[k], i, layer, calls)
+            elif op.name == "func.call":
+                callee = funcs[ir.FlatSymbolRefAttr(op.attributes["callee"]).value]
+                follow(callee.regions[0].blocks[0].arguments[k], i, layer, calls + (op,))
+            elif op.name == "func.return":  # back to the call site
+                follow(calls[-1].results[k], i, layer, calls[:-1])
+            elif op.name == "stablehlo.return":  # a loop's carry: its result is followed from the while
+                pass
+            elif op.name == "stablehlo.dynamic_slice" and k == 0 and not layer and shape()[0] == 1:
+                follow(op.results[0], i, True, calls)
+            elif op.name == "stablehlo.reshape" and layer:
+                follow(op.results[0], i, True, calls)
+            elif op.name == "stablehlo.custom_call" and layer and "annotate_device_placement" in str(
+                    op.attributes["call_target_name"]) and '"device"' in str(op.attributes["mhlo.frontend_attributes"]):
+                transfers.setdefault(i, []).append(shape())
+            else:
+                violations.append(f"{op.name} on host argument {i}{' (a layer)' if layer else ''}")
+
+    stacks = {}
+    for i, (arg, attrs) in enumerate(args):
+        if "pinned_host" in str(attrs):
+            stacks[i], transfers[i] = tuple(ir.RankedTensorType(arg.type).shape), []
+            follow(arg, i, False)
+    return {i: (stacks[i], moved) for i, moved in transfers.items()}, violations
+
+
+def assert_streams(stage):
+    """The denoising stage, lowered for a CUDA GPU (on this CPU: lowering needs no device), streams: every
+    pinned-host argument is a layer stack that enters the loops whole and reaches the device one layer at
+    a time (the layer's shape, from a dynamic slice by the loop counter), and nothing else touches it."""
+    lowered = stage.fn.trace(*memory.abstract(stage.args), **stage.static).lower(lowering_platforms=("cuda",))
+    transfers, violations = host_transfers(lowered)
+    assert transfers and not violations, violations[:10]
+    for i, (shape, moved) in transfers.items():
+        assert moved and set(moved) == {shape[1:]}, (i, shape, moved)
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
@@ -99,6 +157,7 @@ def test_streamed_layers_equal_the_resident_run_bit_for_bit(family):
     (stage,) = [s for s in pipe.stages(req) if s.component == "transformer"]
     jaxpr = jax.make_jaxpr(partial(stage.fn, **stage.static))(*stage.args)
     assert "<host>" in str(jaxpr) and not host_reads(jaxpr.jaxpr), host_reads(jaxpr.jaxpr)
+    assert_streams(stage)
     got = pipe(image, [ref], req)
     np.testing.assert_array_equal(got.latents, want.latents)
     np.testing.assert_array_equal(got.frames, want.frames)
@@ -107,6 +166,7 @@ def test_streamed_layers_equal_the_resident_run_bit_for_bit(family):
     (stage,) = [s for s in q.stages(req) if s.component == "transformer"]
     jaxpr = jax.make_jaxpr(partial(stage.fn, **stage.static))(*stage.args)
     assert "i8<host>" in str(jaxpr) and not host_reads(jaxpr.jaxpr), host_reads(jaxpr.jaxpr)
+    assert_streams(stage)
     with pytest.raises(ValueError, match="offload='disk': one of none, encoders, layers"):
         placement_for("disk", None)
 
