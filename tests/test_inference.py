@@ -9,6 +9,7 @@ from functools import partial
 
 import jax
 import jax.extend
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.lib.mlir import ir  # MLIR's Python bindings, to walk a lowered program's uses
@@ -172,6 +173,43 @@ def test_streamed_layers_equal_the_resident_run_bit_for_bit(family):
 
 
 
+def test_transformer_loads_straight_into_its_placement(tmp_path):
+    """Placement.restore, the pipelines' transformer loader, reads every array onto its target sharding and
+    memory kind (resident: the device; offload="layers": the layer stacks in pinned host memory); for int8
+    it reads the backbone's kernels into host memory and quantises them there, so no device ever holds
+    them in float (jax.live_arrays), and the result equals quantising on the device."""
+    from vapjax import checkpoint, quantize  # noqa: PLC0415
+    from vapjax.random_init import random_params  # noqa: PLC0415
+    cfg = cogvideox.CogVideoXConfig(**cog_vap_tiny.get_config().model.transformer.to_dict())
+    params = jax.tree.map(np.asarray, random_params(cogvideox.param_shapes(cfg), 0))
+    checkpoint.save(str(tmp_path / "t"), params, cfg)
+    kernels = {p for p in flatten(params) if Placement._quantised(p)}
+    assert kernels
+    shapes = {params_at.shape for p, params_at in flatten(params).items() if p in kernels}
+    for placement in (Placement(), placement_for("layers", None), Placement(quantize="int8")):
+        earlier = jax.live_arrays()  # (held, so that no new array reuses an id)
+        float_kernels = lambda: [a for a in jax.live_arrays() if a.shape in shapes and a.dtype != np.int8  # noqa: E731
+                                 and all(a is not b for b in earlier)]
+        _, tree = placement.restore(str(tmp_path / "t"), "cogvideox_transformer")
+        for p, a in flatten(tree).items():
+            if placement.quantize and p in kernels:
+                assert isinstance(a, np.ndarray), p                       # read into host memory
+            else:
+                assert a.sharding == placement._target(p, a.shape), (p, a.sharding)
+        kinds = {a.sharding.memory_kind for p, a in flatten(tree).items() if "blocks" in p and hasattr(a, "sharding")}
+        assert kinds == ({"pinned_host"} if placement.stream else {"device"})
+        if placement.quantize:
+            assert not float_kernels()
+            placed = flatten(placement.params(tree))
+            assert not float_kernels()
+            want = flatten(quantize.quantize_backbone(jax.tree.map(jnp.asarray, params), "int8"))
+            for p in kernels:
+                assert isinstance(placed[p], Int8) and isinstance(placed[p].values, jax.Array)
+                np.testing.assert_array_equal(placed[p].values, want[p].values)
+                np.testing.assert_array_equal(placed[p].scale, want[p].scale)
+        del tree
+
+
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
 def test_int8_backbone_against_bf16(family):
     """quantize="int8": the backbone's stacked kernels stored as int8 + a float32 scale per layer and output
@@ -254,10 +292,10 @@ def test_hub_id_is_downloaded_converted_once_and_reused(tmp_path):
 
 
 MESH_WORKER = """
-import json
+import json, tempfile
 import jax, numpy as np
 from configs import cog_vap_tiny, wan_vap_tiny
-from vapjax import memory, video
+from vapjax import checkpoint, memory, video
 from vapjax.pipelines.common import Placement, parse_mesh
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP, Request as CogRequest
 from vapjax.pipelines.wan_vap import WanVAP, Request as WanRequest
@@ -281,8 +319,14 @@ for family, module, cls, request, split in (("cogvideox", cog_vap_tiny, CogVideo
     (stage,) = [s for s in pipe.stages(req) if s.component == "transformer"]
     with pipe.placement.context():
         hlo = stage.fn.lower(*memory.abstract(stage.args), **stage.static).as_text()
+    # Loading the same weights straight into the mesh (Placement.restore) gives the placed shardings.
+    folder = tempfile.mkdtemp()
+    checkpoint.save(folder + "/t", jax.tree.map(np.asarray, one.transformer.params), one.transformer.config)
+    _, restored = pipe.placement.restore(folder + "/t", family + "_transformer")
+    restored_as_placed = all(a.sharding == b.sharding for a, b in
+                             zip(jax.tree.leaves(restored), jax.tree.leaves(pipe.transformer.params)))
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
-    out[family] = dict(split=split, latents=rel(got.latents, want.latents), frames=rel(got.frames, want.frames),
+    out[family] = dict(split=split, restored_as_placed=restored_as_placed, latents=rel(got.latents, want.latents), frames=rel(got.frames, want.frames),
                        q_spec=[s for s in q.sharding.spec], q_devices=len(q.sharding.device_set),
                        constraints=sorted({l.split("<@", 1)[1].split(">", 1)[0] for l in hlo.splitlines()
                                            if "sdy.sharding_constraint" in l}))
@@ -293,7 +337,8 @@ print("RESULT" + json.dumps(out))
 def test_one_video_over_eight_devices_equals_one_device():
     """Both families on a (data 2, tensor 4) mesh of 8 simulated CPU devices: the CFG halves split over
     `data` (CogVideoX's batch; Wan's two calls as one batch), attention heads (CogVideoX) or tokens (Wan,
-    split=sequence) over `tensor`, weights split by the sharding rules. The video equals one device's."""
+    split=sequence) over `tensor`, weights split by the sharding rules (and restored from a checkpoint
+    straight onto those shardings). The video equals one device's."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", MESH_WORKER], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
@@ -306,6 +351,7 @@ def test_one_video_over_eight_devices_equals_one_device():
         r = out[family]
         print(family, r["split"], f"rel err latents {r['latents']:.1e} frames {r['frames']:.1e}", r["q_spec"])
         assert r["q_spec"] == [None, None, "tensor"] and r["q_devices"] == 8  # [layers, embed, heads]
+        assert r["restored_as_placed"], family
         assert want in r["constraints"], (family, r["constraints"])
         # Sharded matmuls and the split batch sum in another order: float32 round-off (a wrong split is O(1)).
         assert r["latents"] <= 1e-5 and r["frames"] <= 1e-5, (family, r)
