@@ -30,6 +30,7 @@ from convert.lora import module_names
 from vapjax import checkpoint, cli, compile_cache, families, lora, sharding, training, validation
 from vapjax import tree as vtree
 from vapjax.data.ref_dropout import RefDropout
+from vapjax.pipelines.common import Placement
 from vapjax.random_init import random_params
 
 
@@ -291,25 +292,46 @@ def setup(c):
     return cfg, mesh, state, frozen, step_fn
 
 
-def current_weights(c, trainable, frozen):
+class ShardedStep:
+    """The jitted train step, traced (and run) under the mesh's activation-sharding rules
+    (`sharding.use_rules`): the model's `constrain` calls split the batch of every layer's activations
+    over data/fsdp and the heads over tensor, as the README describes, instead of leaving their layout
+    to XLA's propagation."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with sharding.use_rules(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with sharding.use_rules(self.mesh):
+            return self.jitted.lower(*args)
+
+
+def current_weights(c, trainable, frozen, mesh):
     """The transformer weights a sample uses now: the union, or the frozen weights with the LoRA factors
-    beside their kernels (DPO: the policy), on one device (the pipeline's)."""
+    beside their kernels (DPO: the policy), with the training shardings (no copy: the union already has
+    them; no device holds the whole transformer)."""
     if fp32_master(c):
         trainable = training.master_cast(c.model_options.param_dtype)(trainable)
-    params = lora.attach(frozen, trainable, lora_alpha(c)) if c.lora.rank else vtree.merge(trainable, frozen)
-    return jax.device_put(params, jax.local_devices()[0])
+    if c.lora.rank:  # the frozen weights and the (replicated) factors keep the placement training gave them
+        return lora.attach(frozen, trainable, lora_alpha(c))
+    params = vtree.merge(trainable, frozen)
+    return jax.device_put(params, sharding.param_shardings(params, mesh))
 
 
-def make_validator(c, model_cfg, writer) -> validation.Validator | None:
-    """Samples of validation.file every validation.every steps (process 0 of a single-process run), with
-    the encoders of validation.pipeline (a converted pipeline folder; its transformer weights are replaced
-    by the run's) or, for random-weight runs, a pipeline built from validation.model (a sample config's
-    `model` section whose transformer is this run's model)."""
+def make_validator(c, model_cfg, writer, mesh) -> validation.Validator | None:
+    """Samples of validation.file every validation.every steps, with the encoders of validation.pipeline
+    (a converted pipeline folder; its transformer weights are replaced by the run's) or, for random-weight
+    runs, a pipeline built from validation.model (a sample config's `model` section whose transformer is
+    this run's model). The denoising loop runs on the training mesh with the training shardings, on every
+    process (each takes part in the sharded computation; each process's encoders run on its first local
+    device); process 0 writes the samples."""
     v = c.validation
     if not v.every:
         return None
-    if jax.process_count() > 1:
-        raise TrainingError("validation.every needs a single-process run (the pipeline samples on one host)")
     if not v.file:
         raise TrainingError("validation.every > 0 needs validation.file=<validation.json in the official layout>")
     family = families.get(c.family)
@@ -317,17 +339,19 @@ def make_validator(c, model_cfg, writer) -> validation.Validator | None:
     if v.steps:
         settings["steps"] = v.steps
     settings.update(v.request.to_dict())   # other Request fields, e.g. guidance_scale, max_sequence_length
+    at = Placement(mesh=mesh)  # the parameter rules of training: the run's weights fit without a copy
     if v.pipeline:
-        pipe = family.pipeline.load(v.pipeline, dtype=c.model_options.dtype)
+        pipe = family.pipeline.load(v.pipeline, dtype=c.model_options.dtype, placement=at)
     elif v.get("model") is not None:
-        pipe = family.pipeline.random_from_config(v.model, dtype=c.model_options.dtype)
+        pipe = family.pipeline.random_from_config(v.model, dtype=c.model_options.dtype, placement=at)
     else:
         raise TrainingError("validation needs validation.pipeline=<converted pipeline folder> (its VAE and text "
                             "encoder)")
     if pipe.transformer.config.expert_layers != model_cfg.expert_layers or \
             jax.tree.map(np.shape, pipe.transformer.params) != jax.tree.map(np.shape, load_shapes(c, model_cfg)):
         raise TrainingError("validation.pipeline's transformer is not this run's model (other sizes or expert layers)")
-    return validation.Validator(pipe, family.request, cases, settings, os.path.join(c.workdir, "samples"), writer)
+    return validation.Validator(pipe, family.request, cases, settings, os.path.join(c.workdir, "samples"), writer,
+                                write=jax.process_index() == 0)
 
 
 def load_shapes(c, model_cfg):
@@ -377,15 +401,15 @@ def train(c, stop: StopRequest | None = None):
     first = next(data)  # after restoring the data state: the batch of the first step to run
     batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in first.items()}
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
-    jstep = jax.jit(step_fn, in_shardings=(state_shardings, jax.tree.map(lambda a: a.sharding, frozen),
-                                           batch_shardings, rep, rep),
-                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
+    jstep = ShardedStep(jax.jit(step_fn, in_shardings=(state_shardings, jax.tree.map(lambda a: a.sharding, frozen),
+                                                       batch_shardings, rep, rep),
+                                out_shardings=(state_shardings, rep), donate_argnums=(0,)), mesh)
 
     tokens = families.get(c.family).sequence_length(cfg, first)   # per sample, both streams
     config_dict = json.loads(c.to_json())
     start = int(state.step)
     sink = MetricsSink(c, enabled=main, start=start)
-    validate = make_validator(c, cfg, sink.writer) if main else None
+    validate = make_validator(c, cfg, sink.writer, mesh)
     history, window, t_last = [], [], time.time()
     bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main or not c.progress)
     for step in range(start, c.steps):
@@ -409,9 +433,10 @@ def train(c, stop: StopRequest | None = None):
         ckpt.save(done, state, data.get_state(), config_dict, force=done == c.steps or stopping)
         if validate and (done % c.validation.every == 0 or done == c.steps):
             t_val = time.time()
-            written = validate(done, current_weights(c, state.params, frozen))
-            tqdm.write(f"step {done}: validation wrote {len(written)} samples to {os.path.dirname(written[0])} "
-                       f"({time.time() - t_val:.1f}s)")
+            written = validate(done, current_weights(c, state.params, frozen, mesh))
+            if main:
+                tqdm.write(f"step {done}: validation wrote {len(written)} samples to {os.path.dirname(written[0])} "
+                           f"({time.time() - t_val:.1f}s)")
             t_last += time.time() - t_val   # throughput excludes validation
         if done % c.log_every == 0 or done == c.steps:
             dt, n = time.time() - t_last, len(window)

@@ -1,9 +1,10 @@
 """vapjax against the official PyTorch implementation, side by side in one process, on one machine.
 
---what forward: build one CogVideoX-VAP configuration with random weights in the official model, save it
-with save_pretrained (diffusers layout), convert it with our converter, run both on the same inputs,
-check that the outputs agree, time both forwards (warm, median of --repeats) and print ONE JSON line with
-both times and the ratio ours / official.
+--what forward: build one CogVideoX-VAP configuration with random weights in the official model, time its
+forward (warm, median of --repeats), convert its state dict in memory with our converter's rules (no disk
+round trip), free the official model, run ours on the same weights and inputs, and print ONE JSON line
+with both times, the ratio ours / official and the relative error of the outputs (`agree`: within the
+dtype's tolerance; at full size this is the bf16 agreement check).
 --what train: the official training step alone (only `_mot_ref` weights train, per-block activation
 checkpointing, AdamW) — ours is `python -m benchmarks.step_time --what train`.
 
@@ -12,7 +13,7 @@ point --repo at a checkout of that repository. Nothing of it is copied here: its
 first on sys.path for this process only.
 
     python -m benchmarks.vs_official --repo Video-As-Prompt --config mid                    # CPU, fp32
-    python -m benchmarks.vs_official --repo Video-As-Prompt --config full --attention cudnn # GPU, bf16
+    python -m benchmarks.vs_official --repo Video-As-Prompt --config full                   # GPU, bf16
     python -m benchmarks.vs_official --repo Video-As-Prompt --config full --what train --batch 1
     python -m benchmarks.vs_official --repo Video-As-Prompt --config tiny                   # smoke test
 
@@ -20,7 +21,7 @@ Configurations (batch 2 = one sampling step with classifier-free guidance, one r
   tiny  2 heads × 16, 3 layers (experts on 0, 1), latent 13 × 4 × 6, text 8, fp32
   mid   8 heads × 64, 4 layers (all with experts), latent 5 × 32 × 48, text 226, fp32: 4 292 joint tokens
   full  CogVideoX-5B-I2V + VAP (48 heads × 64, 42 layers, experts on 0–40), latent 13 × 60 × 90
-        (49 frames 480 × 720), bf16: 35 100 joint tokens (needs a GPU)
+        (49 frames 480 × 720), bf16: 35 552 joint tokens, 2 × (226 + 13·30·45) (needs a GPU)
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import argparse
 import contextlib
 import json
 import os
+import gc
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -60,10 +61,6 @@ def main():
     ap.add_argument("--refs", type=int, default=1)
     ap.add_argument("--attention", default=None, help="ours: None (auto), xla, cudnn, blockwise")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                    help="same weights in both (save_pretrained + our converter) and compare the outputs; "
-                         "--no-check: ours gets its own random weights (speed only; saves minutes at full size)")
-    ap.add_argument("--workdir", default=None, help="where the random official checkpoint is saved (default: a temp dir)")
     args = ap.parse_args()
     src = os.path.join(os.path.abspath(args.repo), "diffusers", "src")
     if not os.path.isfile(os.path.join(src, "diffusers", "models", "transformers", "cogvideox_transformer_3d_mot.py")):
@@ -74,8 +71,7 @@ def main():
     if args.what == "train":
         print(json.dumps(official_train_step(args)))
         return
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        print(json.dumps(forward_side_by_side(args, tmp)))
+    print(json.dumps(forward_side_by_side(args)))
 
 
 def _official(args):
@@ -137,7 +133,27 @@ def _timed(step, sync, repeats):
     return float(np.median(times)), times
 
 
-def forward_side_by_side(args, tmp):
+def converted_state_dict(model, dtype_name: str, put):
+    """(config, params): the official torch model's weights as our tree, in memory, by the converter's
+    own rules and checks (convert.cogvideox; every key consumed, every parameter filled)."""
+    import ml_dtypes  # noqa: PLC0415
+
+    from convert.cogvideox import rules, target_shapes  # noqa: PLC0415
+    from convert.core import assemble, check  # noqa: PLC0415
+    from vapjax.models import cogvideox  # noqa: PLC0415
+
+    cfg = cogvideox.CogVideoXConfig.from_diffusers(dict(model.config), dtype=dtype_name, param_dtype=dtype_name)
+    state = model.state_dict()
+    targets = target_shapes(cfg)
+    rs = rules(cfg, targets)
+    check({k: tuple(v.shape) for k, v in state.items()}, rs, targets, what="the official model's state dict")
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+    # torch's bf16 has no numpy view: through fp32 on the host, one tensor at a time, then our dtype.
+    load = lambda k: state[k].detach().to("cpu").float().numpy().astype(dtype)  # noqa: E731
+    return cfg, assemble(load, rs, targets, dtype=dtype, put=put)
+
+
+def forward_side_by_side(args):
     torch, model, inputs, call, device = _official(args)
     model.eval()
     cuda = device == "cuda"
@@ -146,32 +162,27 @@ def forward_side_by_side(args, tmp):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         official_s, official_times = _timed(call, sync, args.repeats)
-        want = call().float().cpu().numpy() if args.check else None
+        want = call().float().cpu().numpy()
     official_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
 
     import jax  # noqa: PLC0415 (after the env setting in main)
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from convert.cogvideox import convert_transformer  # noqa: PLC0415
     from vapjax import attention as attn  # noqa: PLC0415
     from vapjax.models import cogvideox  # noqa: PLC0415
 
     _, dtype_name = CONFIGS[args.config]
     dtype = jnp.dtype(dtype_name)
     t0 = time.perf_counter()
-    if args.check:
-        model.save_pretrained(tmp)
-        del model
-        cfg, params = convert_transformer(tmp, dtype=dtype, put=lambda _, a: jax.device_put(a))
-    else:
-        from benchmarks.step_time import synthetic_params  # noqa: PLC0415
-        from vapjax import sharding  # noqa: PLC0415
-        cfg = cogvideox.CogVideoXConfig.from_diffusers(dict(model.config), dtype=dtype_name, param_dtype=dtype_name)
-        del model
-        params = synthetic_params(cfg, sharding.make_mesh(data=1, fsdp=-1))
+    cfg, params = converted_state_dict(model, dtype_name, put=lambda _, a: jax.device_put(a))
     weights_s = time.perf_counter() - t0
+    # Free the official model before ours runs: `call` holds it (and its inputs) too, so drop every
+    # reference, collect, and hand torch's cached blocks back to the driver (22 GB at full size).
+    del model, call
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+    official_left = torch.cuda.memory_allocated() / 2 ** 30 if cuda else None
     cfg = cfg.with_options(dtype=dtype_name, param_dtype=dtype_name, attention=args.attention)
     model = cogvideox.CogVideoXTransformer(cfg)
     cl = lambda a: jnp.asarray(a.transpose(0, 1, 3, 4, 2), dtype)  # → channels-last [B, F, H, W, C]
@@ -184,8 +195,7 @@ def forward_side_by_side(args, tmp):
     compile_s = time.perf_counter() - t0
     ours_s, ours_times = _timed(lambda: jax.block_until_ready(compiled(params, *x)), lambda: None, args.repeats)
     got = np.asarray(compiled(params, *x), np.float32).transpose(0, 1, 4, 2, 3)
-    err = (float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
-           if args.check else None)
+    err = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
     stats = jax.devices()[0].memory_stats() or {}
     tokens = (1 + args.refs) * (cfg.max_text_seq_length + cfg.latent_frames * (cfg.sample_height // cfg.patch_size)
                                 * (cfg.sample_width // cfg.patch_size))
@@ -194,9 +204,9 @@ def forward_side_by_side(args, tmp):
             "attention": attn.resolve(args.attention, *2 * [(args.batch, tokens, cfg.num_heads, cfg.head_dim)], dtype),
             "official_s": official_s, "ours_s": ours_s, "ratio_ours_over_official": ours_s / official_s,
             "official_times_s": official_times, "ours_times_s": ours_times, "ours_compile_s": compile_s,
-            "weights_s": weights_s, "rel_err": err, "agree": err <= AGREE[dtype_name] if args.check else None,
-            "agree_tol": AGREE[dtype_name],
-            "official_peak_gib": official_peak, "ours_peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None}
+            "weights_s": weights_s, "rel_err": err, "agree": err <= AGREE[dtype_name], "agree_tol": AGREE[dtype_name],
+            "official_peak_gib": official_peak, "official_left_gib": official_left,
+            "ours_peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None}
 
 
 def official_train_step(args):

@@ -37,8 +37,9 @@ def get_config():
     c.frames_selection = "evenly"     # "evenly" (repeats frames of a short reference), "first" or "random"
     c.seed = 42                       # infer/wan_vap.py's global seed (our noise is JAX's, not torch's)
     c.dtype = "bfloat16"              # transformer and UMT5 weights and compute; "" keeps the stored dtype
-    c.attention = "cudnn"             # the transformer's attention: fused (cuDNN) — XLA's would materialise
-                                      # 40 heads x 40560^2 joint logits (263 GB); "" / "xla" for CPU
+    c.attention = ""                  # "" (auto, vapjax.attention.choose): cuDNN flash in bf16 on a CUDA GPU,
+                                      # blockwise elsewhere (fp32, CPU) — XLA's would materialise 40 heads x
+                                      # 40560^2 joint logits (263 GB); "xla", "cudnn", "blockwise" force one
     c.vae_tiling = False              # spatial VAE tiles (the official script does not tile)
     c.random_init = False             # True: random weights from `c.model` instead of a checkpoint
     c.offload = "encoders"            # "encoders": text/image encoders and VAE on the host between uses;

@@ -145,3 +145,17 @@ def test_golden_forward_blockwise(monkeypatch):
     monkeypatch.setitem(attn.TILINGS, "cpu", Tiling(16, 16))
     *_, out, want = run_transformer_case(CASE[0], attention="blockwise")
     assert rel_err(out, want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,want", [("float32", "blockwise"), ("bfloat16", "cudnn")])
+def test_wan_config_leaves_attention_to_the_automatic_choice(dtype, want):
+    """configs/wan_vap.py once forced "cudnn", which cuDNN's flash kernel cannot run in fp32
+    (--config.dtype=float32 failed to compile on a GPU). Its attention is now "" (auto): at full size
+    (40 heads of 128 over 2 × 20 280 joint tokens) on an H100, cuDNN in bf16 and blockwise in fp32."""
+    from configs import wan_vap  # noqa: PLC0415
+    c = wan_vap.get_config()
+    assert c.attention == ""
+    shape = (2, 2 * 20280, 40, 128)
+    assert attn.resolve(c.attention or None, shape, shape, jnp.dtype(dtype)) == choose(
+        shape, shape, jnp.dtype(dtype), *attn._platform())
+    assert choose(shape, shape, jnp.dtype(dtype), "gpu", "9.0") == want

@@ -9,8 +9,10 @@ from functools import partial
 
 import jax
 import jax.extend
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.lib.mlir import ir  # MLIR's Python bindings, to walk a lowered program's uses
 
 import convert
 from configs import cog_vap_tiny, wan_vap_tiny
@@ -63,8 +65,8 @@ def test_dry_run_compiles_every_stage_on_abstract_weights(family):
 
 
 
-# Primitives that may touch a host-resident array: moving it, or slicing a layer out of its stack.
-MOVES = {"device_put", "slice", "dynamic_slice", "squeeze", "reshape", "scan", "pjit", "jit", "closed_call",
+# Primitives that may touch a host-resident array: moving it, or indexing a layer out of its stack.
+MOVES = {"device_put", "dynamic_slice", "squeeze", "reshape", "scan", "pjit", "jit", "closed_call",
          "checkpoint", "remat", "while", "cond", "custom_jvp_call", "custom_vjp_call"}
 
 
@@ -78,6 +80,63 @@ def host_reads(jaxpr) -> list[str]:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += host_reads(sub)
     return found
+
+
+def host_transfers(lowered):
+    """How the pinned-host arguments of `lowered` (a program lowered for CUDA) reach the device, found by
+    following every use of each through loops and calls: ({argument: (its shape, the shapes it moves to
+    the device)}, violations). A host stack may only be passed on (while, call) or have ONE layer
+    dynamically sliced out of it; a host layer may only be reshaped and moved to the device
+    (annotate_device_placement). Violations: any other op on host data (a slice of several layers before
+    the loop — a whole-run copy —, host compute)."""
+    module = lowered.compiler_ir("stablehlo")
+    funcs = {ir.StringAttr(op.attributes["sym_name"]).value: op for op in module.body.operations}
+    main = funcs["main"]
+    args = zip(main.regions[0].blocks[0].arguments, ir.ArrayAttr(main.attributes["arg_attrs"]))
+    transfers, violations = {}, []
+
+    def follow(value, i, layer, calls=()):
+        for use in value.uses:
+            op, k = use.owner, use.operand_number
+            shape = lambda: tuple(ir.RankedTensorType(op.results[0].type).shape)
+            if op.name == "stablehlo.while":
+                for region in op.regions:
+                    follow(region.blocks[0].arguments[k], i, layer, calls)
+                follow(op.results[k], i, layer, calls)
+            elif op.name == "func.call":
+                callee = funcs[ir.FlatSymbolRefAttr(op.attributes["callee"]).value]
+                follow(callee.regions[0].blocks[0].arguments[k], i, layer, calls + (op,))
+            elif op.name == "func.return":  # back to the call site
+                follow(calls[-1].results[k], i, layer, calls[:-1])
+            elif op.name == "stablehlo.return":  # a loop's carry: its result is followed from the while
+                pass
+            elif op.name == "stablehlo.dynamic_slice" and k == 0 and not layer and shape()[0] == 1:
+                follow(op.results[0], i, True, calls)
+            elif op.name == "stablehlo.reshape" and layer:
+                follow(op.results[0], i, True, calls)
+            elif op.name == "stablehlo.custom_call" and layer and "annotate_device_placement" in str(
+                    op.attributes["call_target_name"]) and '"device"' in str(op.attributes["mhlo.frontend_attributes"]):
+                transfers.setdefault(i, []).append(shape())
+            else:
+                violations.append(f"{op.name} on host argument {i}{' (a layer)' if layer else ''}")
+
+    stacks = {}
+    for i, (arg, attrs) in enumerate(args):
+        if "pinned_host" in str(attrs):
+            stacks[i], transfers[i] = tuple(ir.RankedTensorType(arg.type).shape), []
+            follow(arg, i, False)
+    return {i: (stacks[i], moved) for i, moved in transfers.items()}, violations
+
+
+def assert_streams(stage):
+    """The denoising stage, lowered for a CUDA GPU (on this CPU: lowering needs no device), streams: every
+    pinned-host argument is a layer stack that enters the loops whole and reaches the device one layer at
+    a time (the layer's shape, from a dynamic slice by the loop counter), and nothing else touches it."""
+    lowered = stage.fn.trace(*memory.abstract(stage.args), **stage.static).lower(lowering_platforms=("cuda",))
+    transfers, violations = host_transfers(lowered)
+    assert transfers and not violations, violations[:10]
+    for i, (shape, moved) in transfers.items():
+        assert moved and set(moved) == {shape[1:]}, (i, shape, moved)
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
@@ -100,6 +159,7 @@ def test_streamed_layers_equal_the_resident_run_bit_for_bit(family):
     (stage,) = [s for s in pipe.stages(req) if s.component == "transformer"]
     jaxpr = jax.make_jaxpr(partial(stage.fn, **stage.static))(*stage.args)
     assert "<host>" in str(jaxpr) and not host_reads(jaxpr.jaxpr), host_reads(jaxpr.jaxpr)
+    assert_streams(stage)
     got = pipe(image, [ref], req)
     np.testing.assert_array_equal(got.latents, want.latents)
     np.testing.assert_array_equal(got.frames, want.frames)
@@ -108,9 +168,47 @@ def test_streamed_layers_equal_the_resident_run_bit_for_bit(family):
     (stage,) = [s for s in q.stages(req) if s.component == "transformer"]
     jaxpr = jax.make_jaxpr(partial(stage.fn, **stage.static))(*stage.args)
     assert "i8<host>" in str(jaxpr) and not host_reads(jaxpr.jaxpr), host_reads(jaxpr.jaxpr)
+    assert_streams(stage)
     with pytest.raises(ValueError, match="offload='disk': one of none, encoders, layers"):
         placement_for("disk", None)
 
+
+
+def test_transformer_loads_straight_into_its_placement(tmp_path):
+    """Placement.restore, the pipelines' transformer loader, reads every array onto its target sharding and
+    memory kind (resident: the device; offload="layers": the layer stacks in pinned host memory); for int8
+    it reads the backbone's kernels into host memory and quantises them there, so no device ever holds
+    them in float (jax.live_arrays), and the result equals quantising on the device."""
+    from vapjax import checkpoint, quantize  # noqa: PLC0415
+    from vapjax.random_init import random_params  # noqa: PLC0415
+    cfg = cogvideox.CogVideoXConfig(**cog_vap_tiny.get_config().model.transformer.to_dict())
+    params = jax.tree.map(np.asarray, random_params(cogvideox.param_shapes(cfg), 0))
+    checkpoint.save(str(tmp_path / "t"), params, cfg)
+    kernels = {p for p in flatten(params) if Placement._quantised(p)}
+    assert kernels
+    shapes = {params_at.shape for p, params_at in flatten(params).items() if p in kernels}
+    for placement in (Placement(), placement_for("layers", None), Placement(quantize="int8")):
+        earlier = jax.live_arrays()  # (held, so that no new array reuses an id)
+        float_kernels = lambda: [a for a in jax.live_arrays() if a.shape in shapes and a.dtype != np.int8  # noqa: E731
+                                 and all(a is not b for b in earlier)]
+        _, tree = placement.restore(str(tmp_path / "t"), "cogvideox_transformer")
+        for p, a in flatten(tree).items():
+            if placement.quantize and p in kernels:
+                assert isinstance(a, np.ndarray), p                       # read into host memory
+            else:
+                assert a.sharding == placement._target(p, a.shape), (p, a.sharding)
+        kinds = {a.sharding.memory_kind for p, a in flatten(tree).items() if "blocks" in p and hasattr(a, "sharding")}
+        assert kinds == ({"pinned_host"} if placement.stream else {"device"})
+        if placement.quantize:
+            assert not float_kernels()
+            placed = flatten(placement.params(tree))
+            assert not float_kernels()
+            want = flatten(quantize.quantize_backbone(jax.tree.map(jnp.asarray, params), "int8"))
+            for p in kernels:
+                assert isinstance(placed[p], Int8) and isinstance(placed[p].values, jax.Array)
+                np.testing.assert_array_equal(placed[p].values, want[p].values)
+                np.testing.assert_array_equal(placed[p].scale, want[p].scale)
+        del tree
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
@@ -195,10 +293,10 @@ def test_hub_id_is_downloaded_converted_once_and_reused(tmp_path):
 
 
 MESH_WORKER = """
-import json
+import json, tempfile
 import jax, numpy as np
 from configs import cog_vap_tiny, wan_vap_tiny
-from vapjax import memory, video
+from vapjax import checkpoint, memory, video
 from vapjax.pipelines.common import Placement, parse_mesh
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP, Request as CogRequest
 from vapjax.pipelines.wan_vap import WanVAP, Request as WanRequest
@@ -222,8 +320,14 @@ for family, module, cls, request, split in (("cogvideox", cog_vap_tiny, CogVideo
     (stage,) = [s for s in pipe.stages(req) if s.component == "transformer"]
     with pipe.placement.context():
         hlo = stage.fn.lower(*memory.abstract(stage.args), **stage.static).as_text()
+    # Loading the same weights straight into the mesh (Placement.restore) gives the placed shardings.
+    folder = tempfile.mkdtemp()
+    checkpoint.save(folder + "/t", jax.tree.map(np.asarray, one.transformer.params), one.transformer.config)
+    _, restored = pipe.placement.restore(folder + "/t", family + "_transformer")
+    restored_as_placed = all(a.sharding == b.sharding for a, b in
+                             zip(jax.tree.leaves(restored), jax.tree.leaves(pipe.transformer.params)))
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
-    out[family] = dict(split=split, latents=rel(got.latents, want.latents), frames=rel(got.frames, want.frames),
+    out[family] = dict(split=split, restored_as_placed=restored_as_placed, latents=rel(got.latents, want.latents), frames=rel(got.frames, want.frames),
                        q_spec=[s for s in q.sharding.spec], q_devices=len(q.sharding.device_set),
                        constraints=sorted({l.split("<@", 1)[1].split(">", 1)[0] for l in hlo.splitlines()
                                            if "sdy.sharding_constraint" in l}))
@@ -234,7 +338,8 @@ print("RESULT" + json.dumps(out))
 def test_one_video_over_eight_devices_equals_one_device():
     """Both families on a (data 2, tensor 4) mesh of 8 simulated CPU devices: the CFG halves split over
     `data` (CogVideoX's batch; Wan's two calls as one batch), attention heads (CogVideoX) or tokens (Wan,
-    split=sequence) over `tensor`, weights split by the sharding rules. The video equals one device's."""
+    split=sequence) over `tensor`, weights split by the sharding rules (and restored from a checkpoint
+    straight onto those shardings). The video equals one device's."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", MESH_WORKER], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
@@ -247,6 +352,7 @@ def test_one_video_over_eight_devices_equals_one_device():
         r = out[family]
         print(family, r["split"], f"rel err latents {r['latents']:.1e} frames {r['frames']:.1e}", r["q_spec"])
         assert r["q_spec"] == [None, None, "tensor"] and r["q_devices"] == 8  # [layers, embed, heads]
+        assert r["restored_as_placed"], family
         assert want in r["constraints"], (family, r["constraints"])
         # Sharded matmuls and the split batch sum in another order: float32 round-off (a wrong split is O(1)).
         assert r["latents"] <= 1e-5 and r["frames"] <= 1e-5, (family, r)

@@ -459,14 +459,26 @@ def test_3ref_sft_trains_on_the_real_data_path(recipe_data, tmp_path):
 # Validation during training
 # ---------------------------------------------------------------------------------------------
 
-def test_validation_writes_samples_and_tensorboard_videos(tmp_path):
+def test_validation_writes_samples_and_tensorboard_videos(tmp_path, monkeypatch):
     """Two steps of the tiny sample model's transformer with validation every 2 steps: the case of the
-    official-layout file is sampled with the run's weights into samples/step_2/<case>.mp4 and TensorBoard."""
+    official-layout file is sampled with the run's weights into samples/step_2/<case>.mp4 and TensorBoard.
+    The weights keep the training shardings (no copy of the transformer on one device) and the pipeline
+    runs on the training mesh; a run of several processes validates on every one (process 0 writes)."""
     import json as _json  # noqa: PLC0415
 
+    from jax.sharding import NamedSharding  # noqa: PLC0415
+
+    import train as train_module  # noqa: PLC0415
     from configs import cog_vap_tiny  # noqa: PLC0415
     from train import train  # noqa: PLC0415
-    from vapjax import video  # noqa: PLC0415
+    from vapjax import validation, video  # noqa: PLC0415
+    seen = {}
+    call = validation.Validator.__call__
+
+    def spy(self, step, params):
+        seen.update(shardings={a.sharding for a in jax.tree.leaves(params)}, mesh=self.pipe.placement.mesh)
+        return call(self, step, params)
+    monkeypatch.setattr(validation.Validator, "__call__", spy)
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
@@ -490,3 +502,10 @@ def test_validation_writes_samples_and_tensorboard_videos(tmp_path):
     assert frames.shape == (9, 64, 96, 3) and fps == 16 and not (tmp_path / "run" / "samples" / "step_2" / "b.mp4").exists()
     events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tb").iterdir())
     assert b"validation/a" in events
+    assert seen["mesh"] is not None and all(isinstance(s, NamedSharding) and s.mesh == seen["mesh"]
+                                            for s in seen["shardings"]), seen
+    # Process 1 of 2: validates too (it must take part in the sharded loop), and writes nothing.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    other = train_module.make_validator(c, train_module.load_model(c)[0], None, seen["mesh"])
+    assert other is not None and not other.write and other.pipe.placement.mesh == seen["mesh"]

@@ -353,7 +353,8 @@ EXPERT_Q = {"cogvideox": "expert/blocks/attn/to_q/kernel", "wan": "expert/blocks
 @pytest.mark.parametrize("family", FAMILY_IDS)
 def test_eight_devices_match_one(tmp_path, family, compile_cache):
     """An 8-device FSDP mesh (simulated CPU devices) gives the single device's losses and updated
-    parameters to fp32 rounding, and really shards the parameters."""
+    parameters to fp32 rounding, and really shards the parameters; the lowered step carries the model's
+    activation-sharding constraints (train.py traces it under sharding.use_rules), the batch over fsdp."""
     common = dict(family=family, steps=3, batch_size=8, async_checkpoint=False)
     _run_dump(tmp_path / "one", tmp_path / "one.npz", compile_cache, **common)
     _run_dump(tmp_path / "eight", tmp_path / "eight.npz",
@@ -364,6 +365,8 @@ def test_eight_devices_match_one(tmp_path, family, compile_cache):
     specs = json.load(open(str(tmp_path / "eight.npz") + ".specs.json"))
     assert specs[EXPERT_Q[family]] == [None, "fsdp"]  # [layers, embed, heads]
     assert sum("fsdp" in s for s in specs.values()) > len(specs) // 2
+    constraints = json.load(open(f"{tmp_path / 'eight.npz'}.p0.json"))["constraints"]
+    assert any('"fsdp"' in c for c in constraints), constraints
 
 
 def test_two_processes_match_one(tmp_path):

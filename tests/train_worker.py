@@ -66,12 +66,24 @@ def main(workdir, out, overrides):
         return recording["data"], empty
 
     train.make_data = make_data
+
+    class RecordingStep(train.ShardedStep):
+        """Keeps the activation-sharding constraints of the step as lowered (its first call's arguments)."""
+        def __call__(self, *args):
+            if "constraints" not in recording:
+                hlo = self.lower(*args).as_text()
+                recording["constraints"] = sorted({line.split("<@", 1)[1].split(">", 1)[0] for line in hlo.splitlines()
+                                                   if "sdy.sharding_constraint" in line})
+            return super().__call__(*args)
+
+    train.ShardedStep = RecordingStep
     history, state, _ = train.train(c)
     loaded = recording["data"].indices
     assert len(loaded) == c.steps and all(len(b) == c.batch_size // jax.process_count() for b in loaded)
     check_shards(c, loaded)
     with open(f"{out}.p{jax.process_index()}.json", "w") as f:
-        json.dump({"process_count": jax.process_count(), "process_index": jax.process_index(), "indices": loaded}, f)
+        json.dump({"process_count": jax.process_count(), "process_index": jax.process_index(), "indices": loaded,
+                   "constraints": recording["constraints"]}, f)
     flat = {"/".join(p): np.asarray(multihost_utils.process_allgather(a, tiled=True))
             for p, a in vtree.flatten(state.params).items()}
     if jax.process_index() == 0:

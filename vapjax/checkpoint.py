@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
@@ -99,12 +100,16 @@ def read_config(path: str, kind: str) -> Any:
 
 def load(path: str, kind: str, *, dtype: Any = None,
          sharding: Callable[[tuple[str, ...], tuple[int, ...]], Any] | None = None,
+         host: Callable[[tuple[str, ...]], bool] | None = None,
+         dtypes: Callable[[tuple[str, ...]], Any] | None = None,
          **options) -> tuple[Any, Any]:
     """(config, params) of a converted `kind` folder. The one dtype contract, for every kind:
     `dtype` (e.g. "bfloat16") is both the weights' dtype (floating arrays are read as it) and the
     config's compute and parameter dtype; None keeps both as stored. `options` replace further config
     fields (run options such as `attention` or `remat`). `sharding(path, shape)` places each array
-    straight onto its sharding (default: the first device)."""
+    straight onto its sharding, memory kind included (default: the first device); arrays for which
+    `host(path)` is true are read into host numpy arrays instead (e.g. to be quantised there), never
+    touching a device. `dtypes(path)`: a floating array's dtype to read it as (None: by `dtype`)."""
     config = read_config(path, kind)
     if dtype is not None:
         name = jnp.dtype(dtype).name
@@ -122,10 +127,25 @@ def load(path: str, kind: str, *, dtype: Any = None,
         raise CheckpointError(f"{path}: unreadable parameters ({type(e).__name__})") from None
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
+    def read_as(names, m):
+        floating = jnp.issubdtype(m.dtype, jnp.floating)
+        want = dtypes(names) if dtypes is not None and floating else None
+        return jnp.dtype(want if want is not None else dtype if dtype is not None and floating else m.dtype)
+
     def abstract(keypath, m):
         names = tuple(getattr(k, "key", str(k)) for k in keypath)
-        cast = dtype is not None and jnp.issubdtype(m.dtype, jnp.floating)
-        return jax.ShapeDtypeStruct(m.shape, jnp.dtype(dtype) if cast else m.dtype,
+        return jax.ShapeDtypeStruct(m.shape, read_as(names, m),
                                     sharding=sharding(names, tuple(m.shape)) if sharding else device)
 
-    return config, ckpt.restore(params_dir, jax.tree_util.tree_map_with_path(abstract, tree))
+    if host is None:
+        return config, ckpt.restore(params_dir, jax.tree_util.tree_map_with_path(abstract, tree))
+
+    def restore_args(keypath, m):
+        names = tuple(getattr(k, "key", str(k)) for k in keypath)
+        if host(names):
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=read_as(names, m))
+        return ocp.ArrayRestoreArgs(sharding=sharding(names, tuple(m.shape)) if sharding else device,
+                                    dtype=read_as(names, m))
+
+    args = ocp.args.PyTreeRestore(restore_args=jax.tree_util.tree_map_with_path(restore_args, tree))
+    return config, ocp.PyTreeCheckpointer().restore(params_dir, args=args)

@@ -2,17 +2,20 @@
 each layer is copied to the device when the layer scan reaches it.
 
 Only the per-layer stacks (every `blocks` subtree: backbone, expert, LoRA) move; embeddings, the
-output head and the timestep MLPs are small and stay on the device. Inside the jitted loop the scan
-slices one layer out of the host-resident stack and `to_device` asks XLA for its copy into device
-memory; XLA's host-offload passes turn that into an asynchronous transfer which its scheduler can start
-while the previous layer computes. The copy changes where the bytes are, not their values, so a
-streamed run equals the resident run bit for bit.
+output head and the timestep MLPs are small and stay on the device. The whole host-resident stack
+enters the layer loop (`scan_layers`): the loop body indexes its one layer out of it by the loop counter
+(a dynamic slice of host memory) and `to_device` asks XLA for that layer's copy into device memory; XLA's
+host-offload passes turn the pair into one asynchronous host-to-device transfer which its scheduler can
+start while the previous layer computes. Slicing a run of layers out of the stack *before* the loop
+(`a[start:stop]`, as a resident run does) would instead copy the whole run at once. The copy changes
+where the bytes are, not their values, so a streamed run equals the resident run bit for bit.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from vapjax import quantize
@@ -49,3 +52,23 @@ def layer_body(body: Callable, *, stream: bool, dtype) -> Callable:
     def wrapped(state, params):
         return body(state, quantize.dequantize(to_device(params) if stream else params, dtype))
     return wrapped
+
+
+def take(stack: Any, index) -> Any:
+    """Layer `index` (an int or a traced loop counter) of a tree of [L, …] stacks."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), stack)
+
+
+def scan_layers(body: Callable, state: Any, stacks: tuple, firsts: tuple, length: int, *, stream: bool):
+    """`jax.lax.scan(body, state, …)` over `length` consecutive layers: step i hands `body` the tuple of
+    layer `firsts[k] + i` of each tree `stacks[k]` (when streamed, firsts may be traced: an outer loop's
+    counter). Resident (`stream` False): the runs are sliced out before the loop and scanned over, as usual.
+    Streamed: the whole stacks stay where they are (host memory) and each step takes its own layer, so
+    only one layer per step crosses to the device (`layer_body` puts it there)."""
+    if not stream:
+        xs = tuple(jax.tree.map(lambda a: a[f:f + length], t) for t, f in zip(stacks, firsts))
+        return jax.lax.scan(body, state, xs)
+
+    def step(s, i):
+        return body(s, tuple(take(t, f + i) for t, f in zip(stacks, firsts)))
+    return jax.lax.scan(step, state, jnp.arange(length))

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MODES = ("", "int8")
 
@@ -29,10 +30,21 @@ class Int8:
 
 
 def quantize_kernel(w) -> Int8:
-    w = jnp.asarray(w, jnp.float32)
-    scale = jnp.abs(w).max(axis=-2, keepdims=True) / 127
-    scale = jnp.where(scale == 0, 1, scale)
-    return Int8(jnp.clip(jnp.rint(w / scale), -127, 127).astype(jnp.int8), scale)
+    """A host (numpy) kernel is quantised on the host, a layer at a time (no full-precision copy of the
+    stack ever reaches a device; a loader reads the backbone's kernels so); a jax array where it is."""
+    if isinstance(w, np.ndarray):
+        parts = [_quantize(np, layer) for layer in w] if w.ndim > 2 else [_quantize(np, w)]
+        stack = lambda xs: np.stack(xs) if w.ndim > 2 else xs[0]  # noqa: E731
+        return Int8(stack([p.values for p in parts]), stack([p.scale for p in parts]))
+    return _quantize(jnp, w)
+
+
+def _quantize(xp, w) -> Int8:
+    """Symmetric absmax per output channel, in float32, with the array module `xp` (numpy or jax.numpy)."""
+    w = xp.asarray(w, xp.float32)
+    scale = xp.abs(w).max(axis=-2, keepdims=True) * xp.float32(1 / 127)  # what XLA makes of "/ 127": host = device
+    scale = xp.where(scale == 0, xp.float32(1), scale).astype(xp.float32)
+    return Int8(xp.clip(xp.rint(w / scale), -127, 127).astype(xp.int8), scale)
 
 
 def quantize_stack(blocks: dict, mode: str) -> dict:

@@ -87,22 +87,26 @@ def beside(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
 class Validator:
     """validate(step, transformer_params): every case through `pipe` (a family pipeline) with the given
     weights; <out_dir>/step_<N>/<case>.mp4 and, with a TensorBoard `writer`, a video summary per case
-    with the first reference beside the output."""
+    with the first reference beside the output. With several processes every one calls it (the sharded
+    denoising loop needs them all) and only the one with `write` writes."""
 
     def __init__(self, pipe, request: Callable[..., Any], cases: Sequence[Case], settings: dict, out_dir: str,
-                 writer=None, fps: int = 16):
+                 writer=None, fps: int = 16, write: bool = True):
         self.pipe, self.request, self.cases, self.settings = pipe, request, list(cases), dict(settings)
-        self.out_dir, self.writer, self.fps = out_dir, writer, fps
+        self.out_dir, self.writer, self.fps, self.write = out_dir, writer, fps, write
 
     def __call__(self, step: int, params) -> list[str]:
         self.pipe.transformer.params = params
         folder = os.path.join(self.out_dir, f"step_{step}")
-        os.makedirs(folder, exist_ok=True)
+        if self.write:
+            os.makedirs(folder, exist_ok=True)
         written = []
         for case in self.cases:
             req = self.request(prompt=case.prompt, ref_prompts=case.ref_prompts, **self.settings)
             self.pipe.validate(case.image, case.refs, req)
             frames = (np.clip(self.pipe(case.image, case.refs, req).frames, 0, 1) * 255).astype(np.uint8)  # as write_video
+            if not self.write:
+                continue
             path = os.path.join(folder, f"{case.name}.mp4")
             video.write_video(path, frames, fps=self.fps)
             written.append(path)

@@ -625,20 +625,21 @@ class CogVideoXTransformer(nn.Module):
         state = (video, text_tok) + ((ref_video, ref_tok) if use_ref else ())
         expert_offset = 0
         for start, stop, joint in runs:
-            bb = jax.tree.map(lambda a: a[start:stop], self.backbone.blocks)
             if joint:
-                ex = jax.tree.map(lambda a: a[expert_offset:expert_offset + stop - start], self.expert.blocks)
+                stacks, firsts = (self.backbone.blocks, self.expert.blocks), (start, expert_offset)
                 expert_offset += stop - start
                 body = lambda s, pp: (_expert_layer(c, pp[0], pp[1], s, emb, emb_ref, rope, rope_ref, rope_alone),
                                       None)
-                state, _ = jax.lax.scan(self._remat(body), state, (bb, ex))
             else:
+                stacks = (self.backbone.blocks,) + (() if lora_blocks is None else (lora_blocks,))
+                firsts = (start,) * len(stacks)
+
                 def body(s, pl):  # the reference stream, if any, passes through unchanged
                     s = tuple(constrain(x, TOKENS) for x in s)
-                    pb = pl if lora_blocks is None else with_lora(*pl)
+                    pb = pl[0] if lora_blocks is None else with_lora(*pl)
                     return Block(c, parent=None).apply({"params": pb}, s[0], s[1], emb, rope) + s[2:], None
-                xs = bb if lora_blocks is None else (bb, jax.tree.map(lambda a: a[start:stop], lora_blocks))
-                state, _ = jax.lax.scan(self._remat(body), state, xs)
+            state, _ = offload.scan_layers(self._remat(body), state, stacks, firsts, stop - start,
+                                           stream=c.stream_layers)
 
         unpatch = lambda x, frames: x.reshape(b, frames, gh, gw, c.out_channels, p, p).transpose(
             0, 1, 2, 5, 3, 6, 4).reshape(b, frames, hh, ww, c.out_channels)

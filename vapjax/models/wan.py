@@ -519,8 +519,8 @@ class WanTransformer(nn.Module):
         period = c.num_layers // repeats
         n_expert = sum(stop - start for start, stop, joint in runs if joint)
         per_repeat = lambda tree, n: jax.tree.map(lambda a: a.reshape(repeats, n, *a.shape[1:]), tree)
-        params = (per_repeat(self.backbone.blocks, period),
-                  per_repeat(self.expert.blocks, n_expert) if n_expert else None)
+        params = None if c.stream_layers else (per_repeat(self.backbone.blocks, period),
+                                                per_repeat(self.expert.blocks, n_expert) if n_expert else None)
 
         def plain(s, p):  # the reference stream, if any, passes through unchanged
             s = tuple(constrain(x, TOKENS) for x in s)
@@ -547,7 +547,30 @@ class WanTransformer(nn.Module):
                     s, _ = jax.lax.scan(lambda s_, p_: (layer(s_, p_), None), s, ps)
             return s, None
 
-        if repeats == 1:
+        def one_period_streamed(s, r):
+            """The same period from the host-resident stacks: each run's loop takes its layers by index
+            (layer r·period + start + i) out of the whole stack (vapjax.offload.scan_layers)."""
+            offset = 0
+            for start, stop, is_joint in runs:
+                n = stop - start
+                if is_joint:
+                    layer, stacks, firsts = joint, (self.backbone.blocks, self.expert.blocks), (
+                        r * period + start, r * n_expert + offset)
+                    offset += n
+                else:
+                    layer, stacks, firsts = (lambda s_, p_: plain(s_, p_[0])), (self.backbone.blocks,), (
+                        r * period + start,)
+                if n == 1:  # no loop, as in the resident period (so that the two equal bit for bit)
+                    s = layer(s, tuple(offload.take(t, f) for t, f in zip(stacks, firsts)))
+                else:
+                    s, _ = offload.scan_layers(lambda s_, p_: (layer(s_, p_), None), s, stacks, firsts, n,
+                                               stream=True)
+            return s, None
+
+        if c.stream_layers:
+            state, _ = (one_period_streamed(state, 0) if repeats == 1 else
+                        jax.lax.scan(one_period_streamed, state, jnp.arange(repeats)))
+        elif repeats == 1:
             state, _ = one_period(state, jax.tree.map(lambda a: a[0], params))
         else:
             state, _ = jax.lax.scan(one_period, state, params)

@@ -91,8 +91,8 @@ class CogVideoXVAP:
         `offload` (`vapjax.memory.OFFLOAD_MODES`) which weights live on the host between uses."""
         require_pipeline_folder(path)
         placement = placement_for(offload, placement)
-        tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "cogvideox_transformer", dtype=dtype,
-                                        attention=attention)
+        tcfg, tparams = placement.restore(os.path.join(path, "transformer"), "cogvideox_transformer", dtype=dtype,
+                                          attention=attention)
         encoders = Encoders.load(path, dtype=dtype, tiling=tiling, devices=jax.local_devices()[:1],
                                  offload=offload != "none")
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:

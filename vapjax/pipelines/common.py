@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from vapjax import checkpoint, offload, quantize, sharding
@@ -101,7 +102,7 @@ class Placement:
         if self.quantize:  # (a dry run's abstract weights get the quantised shapes)
             store = lambda t: quantize.quantize_backbone(t, self.quantize)  # noqa: E731
             tree = jax.eval_shape(store, tree) if _is_abstract(tree) else store(tree)
-        if self.mesh is None and not self.stream:
+        if self.mesh is None and not self.stream and not self.quantize:
             return tree
         if self.mesh is not None:
             shardings = sharding.param_shardings(tree, self.mesh, self.rules)
@@ -113,22 +114,58 @@ class Placement:
             return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
         return jax.device_put(tree, shardings)
 
+    def restore(self, path: str, kind: str, **kw) -> tuple[Any, Any]:
+        """`checkpoint.load` of a transformer straight into this placement: each array restored onto its
+        target sharding (the mesh's rules, or the first local device; the layer stacks in pinned host
+        memory when streamed), and for int8 the backbone's kernels read into host memory, where `params`
+        quantises them, so no device ever holds them in full precision. `params` then moves nothing
+        else."""
+        return checkpoint.load(path, kind, sharding=self._target, host=self._quantised if self.quantize else None,
+                               **kw)
+
+    def _target(self, path: tuple[str, ...], shape: tuple[int, ...]) -> Any:
+        if self.mesh is not None:
+            where = NamedSharding(self.mesh, sharding.spec(sharding.param_axes(path, shape), shape, self.mesh,
+                                                           self.rules))
+        else:
+            where = SingleDeviceSharding(jax.local_devices()[0])
+        return offload.on_host(where) if self.stream and offload.STACKS in path else where
+
+    @staticmethod
+    def _quantised(path: tuple[str, ...]) -> bool:
+        """The arrays `quantize.quantize_backbone` replaces: the backbone layer stack's kernels."""
+        return path[:2] == ("backbone", "blocks") and path[-1] == "kernel"
+
     def batch(self, x: Any) -> Any:
         """An input whose leading axis is the (CFG) batch: split over the data-parallel axes."""
         if self.mesh is None:
             return x
         axes = ("batch",) + (None,) * (np.ndim(x) - 1)
-        return jax.device_put(x, NamedSharding(self.mesh, sharding.spec(axes, np.shape(x), self.mesh, self.rules)))
+        return _put(x, NamedSharding(self.mesh, sharding.spec(axes, np.shape(x), self.mesh, self.rules)))
 
     def replicated(self, x: Any) -> Any:
-        return x if self.mesh is None else jax.device_put(x, sharding.replicated(self.mesh))
+        return x if self.mesh is None else _put(x, sharding.replicated(self.mesh))
 
     def gather(self, x: Any) -> Any:
-        """A result back on the first device (where the encoders run)."""
-        return x if self.mesh is None else jax.device_put(x, jax.local_devices()[0])
+        """A result back on the first local device (where the encoders run); from a mesh over several
+        processes, every process gets the whole result."""
+        if self.mesh is None:
+            return x
+        if not all(a.is_fully_addressable for a in jax.tree.leaves(x)):
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_put(x, jax.local_devices()[0])
 
     def context(self):
         return sharding.use_rules(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+
+def _put(x: Any, where: NamedSharding) -> jax.Array:
+    """`x` (the same value on every process) placed by `where`; over several processes each one
+    fills only its own devices' pieces."""
+    if where.is_fully_addressable:
+        return jax.device_put(x, where)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
 
 
 def _is_abstract(tree: Any) -> bool:

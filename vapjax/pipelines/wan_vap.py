@@ -38,6 +38,7 @@ from vapjax import checkpoint, conditioning, flow_sampling, sampling, text, vide
 from vapjax.clip_preprocess import CLIPPreprocessConfig
 from vapjax.encoders import MAX_LENGTH_WAN, WanEncoders
 from vapjax.models import clip, t5, wan, wan_vae
+from vapjax.tree import flatten
 from vapjax.memory import Stage
 from vapjax.pipelines.common import Component, Output, Placement, Recorder, placement_for, require_pipeline_folder
 from vapjax.prompts import DEFAULT_NEGATIVE_PROMPT
@@ -92,19 +93,21 @@ class WanVAP:
         """A converted pipeline folder. `dtype` ("bfloat16"/"float32") sets the weights and compute of the
         transformer and UMT5 (default: as stored); the VAE and CLIP run in float32 as the official
         inference script loads them. `attention` picks the transformer's dot_product_attention implementation
-        (at 480x832 only a fused one fits: "cudnn"). `offload` (`vapjax.memory.OFFLOAD_MODES`): which
+        (default: the automatic choice; at 480x832 only a flash-style one fits: "cudnn" or "blockwise"). `offload` (`vapjax.memory.OFFLOAD_MODES`): which
         weights live on the host between uses."""
         require_pipeline_folder(path)
         placement = placement_for(offload, placement)
         # Encoders first: their host copies are made before the transformer takes the device.
         encoders = WanEncoders.load(path, dtype=dtype, tiling=tiling, offload=offload != "none")
-        # As stored, then cast to the dtypes the model declares: `checkpoint.load(dtype=)` would cast the
-        # float32 islands of the official bf16 inference (time embedders, modulation tables, norms) too.
-        tcfg, tparams = checkpoint.load(os.path.join(path, "transformer"), "wan_transformer",
-                                        **({"attention": attention} if attention else {}))
+        # Read as the dtypes the model declares (`checkpoint.load(dtype=)` would cast the float32 islands of
+        # the official bf16 inference, time embedders, modulation tables, norms, too), straight into the
+        # placement (Placement.restore).
+        tpath, options, dtypes = os.path.join(path, "transformer"), {"attention": attention} if attention else {}, None
         if dtype is not None:
-            tcfg = tcfg.with_options(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-            tparams = _cast_like(tparams, wan.param_shapes(tcfg))
+            options.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+            declared = flatten(wan.param_shapes(checkpoint.read_config(tpath, "wan_transformer").with_options(**options)))
+            dtypes = lambda names: declared[names].dtype  # noqa: E731
+        tcfg, tparams = placement.restore(tpath, "wan_transformer", dtypes=dtypes, **options)
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             schedule = flow_sampling.schedule_from_config(json.load(f))
         return cls(Component(tcfg, tparams), encoders, schedule, placement)
@@ -318,18 +321,6 @@ class WanVAP:
             }.items():
                 record(name, np.asarray(value))
         return Output(frames=frames, latents=np.asarray(final))
-
-
-def _cast_like(params, shapes):
-    """Each array of `params` in the dtype of its ShapeDtypeStruct in `shapes`; a replaced array's buffer
-    is freed at once, so the peak is one array above the larger of the two trees."""
-    def cast(p, s):
-        if p.dtype == s.dtype:
-            return p
-        out = p.astype(s.dtype)
-        p.delete()
-        return out
-    return jax.tree.map(cast, params, shapes)
 
 
 def _denoise(cfg, params, latents, condition, ref_input, text, neg_text, ref_text, neg_ref_text, image, ref_image,
