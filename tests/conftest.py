@@ -1,6 +1,8 @@
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -83,3 +85,32 @@ def _torch_threads():
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     except ImportError:
         pass
+
+
+# One persistent XLA compilation cache for the whole run. Many tests (and the sample.py / train.py
+# subprocesses, through vapjax.compile_cache) compile the same programs: the tiny models' steps, the
+# pipelines' stages. With one folder shared by both xdist workers and every subprocess, each program is
+# compiled once per run. The folder is new for every run (cold, as in CI) unless VAPJAX_TEST_XLA_CACHE
+# names one to keep between runs. A cached executable is the one a fresh compile gives, so no result
+# depends on it. The size limit turns on JAX's file lock, so two workers never read a half-written entry.
+XLA_CACHE_ENV = "VAPJAX_TEST_XLA_CACHE"
+_CACHE_SETTINGS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.05",
+                   "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
+
+
+def pytest_configure(config):
+    if not os.environ.get(XLA_CACHE_ENV):  # the controller (or a run without xdist): workers inherit it
+        os.environ[XLA_CACHE_ENV] = tempfile.mkdtemp(prefix="vapjax-test-xla-")
+        config._vapjax_owned_cache = os.environ[XLA_CACHE_ENV]
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[XLA_CACHE_ENV]
+    os.environ.update(_CACHE_SETTINGS)
+    import jax  # noqa: PLC0415 - after the variables, and set again in case a plugin imported jax first
+    jax.config.update("jax_compilation_cache_dir", os.environ[XLA_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(_CACHE_SETTINGS["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_compilation_cache_max_size", int(_CACHE_SETTINGS["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+def pytest_unconfigure(config):
+    owned = getattr(config, "_vapjax_owned_cache", None)
+    if owned:
+        shutil.rmtree(owned, ignore_errors=True)

@@ -13,10 +13,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compile_cache.default_dir() == str(tmp_path / "vapjax" / "jax")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert compile_cache.default_dir() == os.path.expanduser("~/.cache/vapjax/jax")
+
+
+def test_jax_variable_wins(monkeypatch, tmp_path):
+    """JAX's own JAX_COMPILATION_CACHE_DIR beats the XDG default: the suite shares one folder this way."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert compile_cache.default_dir() == str(tmp_path / "jax")
 
 
 def test_opt_out_leaves_jax_untouched(monkeypatch, tmp_path):

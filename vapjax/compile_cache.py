@@ -4,8 +4,9 @@ same shapes loads its executables from disk instead of compiling them again.
     from vapjax import compile_cache
     compile_cache.enable()          # first thing in main(), before anything is jitted
 
-The folder is $XDG_CACHE_HOME/vapjax/jax (default ~/.cache/vapjax/jax); VAPJAX_NO_COMPILE_CACHE=1
-turns it off. Compilations of ≥ 0.1 s are stored: on the tiny sample.py run that keeps 21 entries
+The folder is $JAX_COMPILATION_CACHE_DIR when that is set (JAX's own variable: the test suite points
+every process of a run at one folder this way), else $XDG_CACHE_HOME/vapjax/jax (default
+~/.cache/vapjax/jax); VAPJAX_NO_COMPILE_CACHE=1 turns it off. Compilations of ≥ 0.1 s are stored: on the tiny sample.py run that keeps 21 entries
 (0.4 MB) and brings a second run from ~43 s to ~14 s wall; a 0.5 s bar missed the model set-up jits
 (~25 s), no bar at all stored 81 entries for no further gain (benchmarks/NOTES.md).
 """
@@ -21,6 +22,8 @@ MIN_COMPILE_SECS = 0.1
 
 
 def default_dir() -> str:
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "vapjax", "jax")
 
