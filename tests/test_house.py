@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from configs import cog_vap_tiny
-from conftest import ROOT
+from conftest import ROOT, with_xla_flags
 from vapjax import checkpoint, families, sharding
 from vapjax.models import clip, cogvideox, cogvideox_vae, t5, wan, wan_vae
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
@@ -210,7 +210,7 @@ ACTIVATION_WORKER = textwrap.dedent("""
 def test_activation_constraints_on_eight_devices():
     """Under an 8-device CPU mesh (fsdp 2 × tensor 4): q/k/v of the joint sequence are split by heads
     (default rules) or by tokens (sequence rules), and the output equals the unconstrained forward."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": with_xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", ACTIVATION_WORKER], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

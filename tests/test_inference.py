@@ -16,7 +16,7 @@ from jax._src.lib.mlir import ir  # MLIR's Python bindings, to walk a lowered pr
 
 import convert
 from configs import cog_vap_tiny, wan_vap_tiny
-from conftest import ROOT, golden_dir
+from conftest import ROOT, golden_dir, with_xla_flags
 from vapjax import memory
 from vapjax.models import cogvideox, wan
 from vapjax.pipelines.cogvideox_vap import CogVideoXVAP
@@ -340,7 +340,7 @@ def test_one_video_over_eight_devices_equals_one_device():
     `data` (CogVideoX's batch; Wan's two calls as one batch), attention heads (CogVideoX) or tokens (Wan,
     split=sequence) over `tensor`, weights split by the sharding rules (and restored from a checkpoint
     straight onto those shardings). The video equals one device's."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": with_xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", MESH_WORKER], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]

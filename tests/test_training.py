@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from conftest import ROOT, rel_err
+from conftest import ROOT, rel_err, with_xla_flags
 from configs import cog_vap_train, cog_vap_train_tiny, wan_vap_train_tiny
 from convert.cogvideox import convert_transformer, rules, target_shapes
 from test_cogvideox import stock_model
@@ -358,7 +358,7 @@ def test_eight_devices_match_one(tmp_path, family, compile_cache):
     common = dict(family=family, steps=3, batch_size=8, async_checkpoint=False)
     _run_dump(tmp_path / "one", tmp_path / "one.npz", compile_cache, **common)
     _run_dump(tmp_path / "eight", tmp_path / "eight.npz",
-              {**compile_cache, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, **common)
+              {**compile_cache, "XLA_FLAGS": with_xla_flags("--xla_force_host_platform_device_count=8")}, **common)
     loss_err, param_err = _compare(tmp_path / "one.npz", tmp_path / "eight.npz")
     print(f"{family}, 8 devices vs 1: loss rel. diff {loss_err:.1e}, worst parameter rel. diff {param_err:.1e}")
     assert loss_err < 1e-5 and param_err < 1e-5
