@@ -274,12 +274,22 @@ def tiny_config(workdir, family="cogvideox", **overrides):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Environment for training subprocesses: one persistent XLA compilation cache, so the processes of a
-    test (and the families' repeated runs) compile each step function once. Cached executables are the
-    ones a fresh compile gives, so the comparisons below are unaffected."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def one_process_run(tmp_path_factory):
+    """The single-process reference of the SPMD tests, per family: 3 steps of batch 8 in a fresh process,
+    dumped once and compared against by both the 8-device and the 2-process runs. (The run's shared
+    compilation cache, tests/conftest.py, lets every training subprocess load the programs compiled once.)"""
+    runs = {}
+
+    def get(family):
+        if family not in runs:
+            d = tmp_path_factory.mktemp(f"one_{family}")
+            _run_dump(d / "work", d / "one.npz", **SPMD_RUN, family=family)
+            runs[family] = d / "one.npz"
+        return runs[family]
+    return get
+
+
+SPMD_RUN = dict(steps=3, batch_size=8, async_checkpoint=False)
 
 
 # Per family: the first `steps` of the tiny config lower the loss, the mean of the last 20 steps below
@@ -351,15 +361,13 @@ EXPERT_Q = {"cogvideox": "expert/blocks/attn/to_q/kernel", "wan": "expert/blocks
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
-def test_eight_devices_match_one(tmp_path, family, compile_cache):
+def test_eight_devices_match_one(tmp_path, family, one_process_run):
     """An 8-device FSDP mesh (simulated CPU devices) gives the single device's losses and updated
     parameters to fp32 rounding, and really shards the parameters; the lowered step carries the model's
     activation-sharding constraints (train.py traces it under sharding.use_rules), the batch over fsdp."""
-    common = dict(family=family, steps=3, batch_size=8, async_checkpoint=False)
-    _run_dump(tmp_path / "one", tmp_path / "one.npz", compile_cache, **common)
     _run_dump(tmp_path / "eight", tmp_path / "eight.npz",
-              {**compile_cache, "XLA_FLAGS": with_xla_flags("--xla_force_host_platform_device_count=8")}, **common)
-    loss_err, param_err = _compare(tmp_path / "one.npz", tmp_path / "eight.npz")
+              {"XLA_FLAGS": with_xla_flags("--xla_force_host_platform_device_count=8")}, **SPMD_RUN, family=family)
+    loss_err, param_err = _compare(one_process_run(family), tmp_path / "eight.npz")
     print(f"{family}, 8 devices vs 1: loss rel. diff {loss_err:.1e}, worst parameter rel. diff {param_err:.1e}")
     assert loss_err < 1e-5 and param_err < 1e-5
     specs = json.load(open(str(tmp_path / "eight.npz") + ".specs.json"))
@@ -369,33 +377,32 @@ def test_eight_devices_match_one(tmp_path, family, compile_cache):
     assert any('"fsdp"' in c for c in constraints), constraints
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, one_process_run):
     """Two processes on localhost (jax.distributed, CPU collectives) form one run (process_count 2, each
     loading its own half of every batch) and train like one process."""
     import socket  # noqa: PLC0415
-    common = dict(steps=3, batch_size=4, async_checkpoint=False)
-    _run_dump(tmp_path / "one", tmp_path / "one.npz", **common)
+    one = one_process_run("cogvideox")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [_worker(tmp_path / "two", tmp_path / "two.npz",
                      {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                      "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}, **common)
+                      "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}, **SPMD_RUN)
              for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    loss_err, param_err = _compare(tmp_path / "one.npz", tmp_path / "two.npz")
+    loss_err, param_err = _compare(one, tmp_path / "two.npz")
     print(f"2 processes vs 1: loss rel. diff {loss_err:.1e}, worst parameter rel. diff {param_err:.1e}")
     assert loss_err < 1e-5 and param_err < 1e-5
     # One joint run, not two independent ones: each worker saw process_count 2 (it also asserts so) and
     # loaded only its half of every global batch (each worker checks the halves against each other).
     seen = [json.load(open(f"{tmp_path / 'two.npz'}.p{i}.json")) for i in range(2)]
     assert [s["process_count"] for s in seen] == [2, 2] and [s["process_index"] for s in seen] == [0, 1]
-    single = json.load(open(f"{tmp_path / 'one.npz'}.p0.json"))["indices"]
-    for step in range(3):
+    single = json.load(open(f"{one}.p0.json"))["indices"]
+    for step in range(SPMD_RUN["steps"]):
         a, b = set(seen[0]["indices"][step]), set(seen[1]["indices"][step])
-        assert len(a) == len(b) == 2 and not a & b and a | b == set(single[step]), (step, a, b, single[step])
+        assert len(a) == len(b) == SPMD_RUN["batch_size"] // 2 and not a & b and a | b == set(single[step]), (step, a, b, single[step])
 
 
 MODEL = {"num_layers": 3, "expert_layers": [0, 1]}
@@ -511,11 +518,11 @@ def _wait_for(pred, proc, timeout=300):
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
-def test_kill_and_resume(tmp_path, family, compile_cache):
+def test_kill_and_resume(tmp_path, family):
     """SIGKILL between saves and during a save, then resume: the same losses and parameters as an
     uninterrupted run. A corrupt newest checkpoint is skipped for the previous complete one."""
     steps = ["--config.steps=30", "--config.checkpoint_every=5", "--config.keep=3"]
-    run = lambda workdir: _train_cli(workdir, *steps, family=family, env=compile_cache)
+    run = lambda workdir: _train_cli(workdir, *steps, family=family)
     ref = run(tmp_path / "ref")
     assert ref.wait(timeout=600) == 0, ref.communicate()[1][-3000:]
     want_losses, want_params = _losses(tmp_path / "ref"), _final_params(tmp_path / "ref", 30)

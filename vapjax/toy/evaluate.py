@@ -71,9 +71,15 @@ def generate(pipe: CogVideoXVAP, images: np.ndarray, prompts: Sequence[str], ref
     enc, vae, cfg = pipe.encoders, pipe.encoders.vae_config, pipe.transformer.config
     sf, length = vae.scaling_factor, cfg.max_text_seq_length
     schedule = pipe.schedule.steps(steps)
+    # Equal chunks of at most `batch` (the last padded by repeating its final row): one program shape, so the
+    # sampling loop and the VAE compile once per call, not once more for a short remainder.
+    n = len(images)
+    size = -(-n // -(-n // batch))
+    pad = lambda a: None if a is None else np.concatenate([np.asarray(a)] + [np.asarray(a)[-1:]] * (-n % size))
+    images, prompts, ref_clips, ref_prompts = (pad(a) for a in (images, prompts, ref_clips, ref_prompts))
     out = []
-    for s in range(0, len(images), batch):
-        sl = slice(s, s + batch)
+    for s in range(0, n, size):
+        sl = slice(s, s + size)
         image = enc.posterior(images[sl][:, None]).mode() * sf
         text = enc.encode_text(list(prompts[sl]), length)
         f = (world.FRAMES - 1) // vae.temporal_compression_ratio + 1
@@ -89,7 +95,7 @@ def generate(pipe: CogVideoXVAP, images: np.ndarray, prompts: Sequence[str], ref
         z = _sample(cfg, pipe.transformer.params, x, conditioning.pad_frames(image, f), text, ref_in, ref_text, schedule)
         pixels = enc.decode(z * np.float32(1 / sf))
         out.append(np.asarray(jnp.round(jnp.clip(pixels * 127.5 + 127.5, 0, 255))).astype(np.uint8))
-    return np.concatenate(out)
+    return np.concatenate(out)[:n]
 
 
 # ---------------------------------------------------------------------------------------------
