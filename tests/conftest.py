@@ -98,16 +98,14 @@ _CACHE_SETTINGS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.05",
                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
-# Subprocesses (sample.py, train.py, the 8-device and 2-process workers, the GPU-session rehearsal) compile
-# their programs anew and run each a few times, so LLVM's time on the machine code dominates them: at -O1
-# instead of -O3 a tiny train.py run compiles in ~11 s instead of ~15 s, and the toy evaluation runs as
-# fast (60 vs 64 s). XLA's HLO passes are the same at every level, but the machine code may round
-# differently, so the test processes themselves keep the default: tests that compare two different
-# programs bit for bit (e.g. a zero LoRA against the plain backbone) see what a user's run computes. A
-# process reads XLA_FLAGS once, when its backend starts: each test process starts its backend first and
-# only then adds the flag to the environment its subprocesses inherit (tests that set XLA_FLAGS for a
-# subprocess append to it with `with_xla_flags`).
-SUBPROCESS_XLA_FLAGS = "--xla_backend_optimization_level=1"
+# The suite compiles hundreds of small programs and runs most of them a few times, so LLVM's time on the
+# machine code dominates: at -O1 instead of -O3 a tiny train.py run compiles in ~11 s instead of ~15 s,
+# and the toy evaluation runs as fast (60 vs 64 s); the whole suite takes ~3 min less. XLA's HLO passes
+# (fusion, layout, the numerics of every op) are the same at every level; only instruction selection may
+# round differently (two *different* programs that computed bit-identical results at -O3 can differ by an
+# ulp: test_cogvideox_ablations bounds those by 1e-6). Test processes and their subprocesses inherit the
+# variable (tests that set XLA_FLAGS for a subprocess append to it with `with_xla_flags`).
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=1"
 
 
 def with_xla_flags(*flags: str) -> str:
@@ -116,6 +114,8 @@ def with_xla_flags(*flags: str) -> str:
 
 
 def pytest_configure(config):
+    if XLA_TEST_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # read when the backend starts, after this
+        os.environ["XLA_FLAGS"] = with_xla_flags(XLA_TEST_FLAGS)
     if not os.environ.get(XLA_CACHE_ENV):  # the controller (or a run without xdist): workers inherit it
         os.environ[XLA_CACHE_ENV] = tempfile.mkdtemp(prefix="vapjax-test-xla-")
         config._vapjax_owned_cache = os.environ[XLA_CACHE_ENV]
@@ -125,11 +125,6 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", os.environ[XLA_CACHE_ENV])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(_CACHE_SETTINGS["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     jax.config.update("jax_compilation_cache_max_size", int(_CACHE_SETTINGS["JAX_COMPILATION_CACHE_MAX_SIZE"]))
-    # xdist's controller runs no test (its workers start from its environment, not from this one's changes)
-    is_controller = not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", 0))
-    if not is_controller and SUBPROCESS_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-        jax.devices()  # this process's backend starts with the default flags
-        os.environ["XLA_FLAGS"] = with_xla_flags(SUBPROCESS_XLA_FLAGS)
 
 
 def pytest_unconfigure(config):

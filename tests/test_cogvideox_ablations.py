@@ -147,6 +147,14 @@ def test_reference_rope_positions():
 # ------------------------------------------------------------------------------------------------
 # Single branch: invariants
 
+def assert_same_computation(got, want):
+    """Equal up to float32 rounding. The two sides are different XLA programs (a zero LoRA term, a
+    concatenation of nothing), and whether they round identically is up to LLVM's instruction selection:
+    bit for bit at -O3, a few ulps apart at the suite's -O1 (conftest.py). A semantic
+    difference is ≥ 1e-3 (the checks beside each use)."""
+    assert rel_err(got, want) <= 1e-6, rel_err(got, want)
+
+
 def test_single_branch_empty_reference_is_the_stock_model():
     """A zero-length reference (no frames, no caption tokens) through the single-branch path gives the
     stock model's output: the concatenation, RoPE rows and the final slice add nothing."""
@@ -155,7 +163,7 @@ def test_single_branch_empty_reference_is_the_stock_model():
         p = params_for(cfg)
         lat, txt, t, ref, ref_txt = inputs(cfg)
         out = forward(cfg, p, lat, txt, t, ref[:, :0], ref_txt[:, :0])
-        np.testing.assert_array_equal(out, stock_forward(cfg, p, lat, txt, t))
+        assert_same_computation(out, stock_forward(cfg, p, lat, txt, t))
         assert rel_err(forward(cfg, p, lat, txt, t, ref, ref_txt), out) > 1e-3  # a real reference matters
 
 
@@ -190,8 +198,8 @@ def test_zero_lora_is_the_backbone():
     assert all(np.all(ab["lora_b"] == 0) for ab in init["blocks"].values())
     x = inputs(cfg)
     no_lora = cfg.with_options(structure="single_branch", lora_rank=0)
-    np.testing.assert_array_equal(forward(cfg, p, *x), forward(no_lora, {"backbone": p["backbone"]}, *x))
-    np.testing.assert_array_equal(forward(cfg, p, *x[:3]), stock_forward(cfg, p, *x[:3]))
+    assert_same_computation(forward(cfg, p, *x), forward(no_lora, {"backbone": p["backbone"]}, *x))
+    assert_same_computation(forward(cfg, p, *x[:3]), stock_forward(cfg, p, *x[:3]))
     moved = jax.tree.map(lambda a: a + 0.1, p)
     assert rel_err(forward(cfg, {**p, "lora": moved["lora"]}, *x), forward(cfg, p, *x)) > 1e-3
 
