@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -74,8 +75,9 @@ def generate(pipe: CogVideoXVAP, images: np.ndarray, prompts: Sequence[str], ref
     # Equal chunks of at most `batch` (the last padded by repeating its final row): one program shape, so the
     # sampling loop and the VAE compile once per call, not once more for a short remainder.
     n = len(images)
-    size = -(-n // -(-n // batch))
-    pad = lambda a: None if a is None else np.concatenate([np.asarray(a)] + [np.asarray(a)[-1:]] * (-n % size))
+    chunks = math.ceil(n / batch)
+    size = math.ceil(n / chunks)
+    pad = lambda a: None if a is None else np.concatenate([np.asarray(a)] + [np.asarray(a)[-1:]] * (chunks * size - n))
     images, prompts, ref_clips, ref_prompts = (pad(a) for a in (images, prompts, ref_clips, ref_prompts))
     out = []
     for s in range(0, n, size):
